@@ -1,0 +1,38 @@
+# The README's two commands:  make demo  (built-in corpus → shards → verify)  and  make test.
+# Each creates .venv and installs what it needs; only Python 3.10+ is required on the machine.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEMO   ?= data/demo
+
+# torch: a machine with an NVIDIA driver gets PyPI's default (CUDA) build; a CPU-only machine asks for
+# torch==2.13.0, which this project's CI machines serve as a small CPU build. Elsewhere add
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid downloading several GB of unused CUDA wheels.
+TORCH_SPEC  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+TORCH_INDEX ?=
+
+.PHONY: demo test bench clean-demo
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m speakerid.data.synthetic --out $(DEMO)/corpus --workers 2
+	$(PY) -m shardify pack --list $(DEMO)/corpus/train_list.txt --root $(DEMO)/corpus/wav --out $(DEMO)/shards/train --workers 2 --shard-size 16MB
+	$(PY) -m shardify pack --kind eval --trials $(DEMO)/corpus/trials.txt --root $(DEMO)/corpus/wav --out $(DEMO)/shards/eval --workers 2 --shard-size 16MB
+	$(PY) -m shardify verify $(DEMO)/shards/train
+	$(PY) -m shardify verify $(DEMO)/shards/eval
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/shardify_throughput.py
+
+clean-demo:
+	rm -rf $(DEMO)

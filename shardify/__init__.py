@@ -1,0 +1,1 @@
+"""Front door: python -m shardify (see __main__.py)."""

@@ -1,0 +1,174 @@
+"""Audio I/O: decode files to mono int16 at the corpus rate, and encode/decode shard members.
+
+Samples stay int16 on the CPU side of speakerid (half the bytes of float32, exact for 16-bit sources);
+float conversion happens on the training device. wav/flac are read with soundfile; VoxCeleb2's .m4a
+(AAC) with PyAV, or the ``ffmpeg`` program when PyAV is not installed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from speakerid.errors import SpeakeridError
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".m4a", ".ogg", ".opus", ".mp3", ".aac")
+COMPRESSED_EXTENSIONS = (".m4a", ".aac", ".mp4")  # decoded with PyAV or ffmpeg, the rest with soundfile
+ENCODINGS = ("flac", "wav")
+
+M4A_HELP = (
+    "decoding .m4a (AAC) needs PyAV or the ffmpeg program: `pip install 'speakerid-toolkit[m4a]'` "
+    "(or `pip install av`), or put ffmpeg on PATH; or convert the files to wav/flac first"
+)
+
+
+class AudioError(SpeakeridError):
+    """An audio file that cannot be used as it is: unreadable, wrong rate or channel count."""
+
+
+class DecoderMissing(SpeakeridError):
+    """No program or library here decodes this format: a property of the machine, not of one file."""
+
+
+def m4a_decoder() -> str | None:
+    """'av', 'ffmpeg', or None when neither PyAV nor the ffmpeg program is available."""
+    try:
+        import av  # noqa: F401  (optional extra)
+
+        return "av"
+    except ImportError:
+        return "ffmpeg" if shutil.which("ffmpeg") and shutil.which("ffprobe") else None
+
+
+def check_decoders(paths) -> None:
+    """Fail before any work when the listed files need a decoder this machine lacks."""
+    needing = next((p for p in paths if Path(p).suffix.lower() in COMPRESSED_EXTENSIONS), None)
+    if needing is not None and m4a_decoder() is None:
+        raise DecoderMissing(f"{needing}: {M4A_HELP}")
+
+
+def read_audio(
+    path: str | Path,
+    sample_rate: int = 16000,
+    *,
+    resample: bool = False,
+    downmix: bool = False,
+) -> np.ndarray:
+    """Decode ``path`` to a 1-D int16 array at ``sample_rate``.
+
+    A different rate is an error unless ``resample``; more than one channel is an error unless ``downmix``.
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() in COMPRESSED_EXTENSIONS:
+            samples, rate = _decode_with_av_or_ffmpeg(path)
+        else:
+            samples, rate = _decode_with_soundfile(path)
+    except (AudioError, DecoderMissing):
+        raise
+    except (OSError, RuntimeError, ValueError, soundfile.LibsndfileError) as error:
+        raise AudioError(f"{path}: cannot decode: {error}") from error
+    if samples.shape[1] > 1:
+        if not downmix:
+            raise AudioError(f"{path}: {samples.shape[1]} channels, expected mono; pass --downmix to average them")
+        samples = np.round(samples.astype(np.float64).mean(axis=1, keepdims=True)).astype(np.int16)
+    mono = samples[:, 0]
+    if rate != sample_rate:
+        if not resample:
+            raise AudioError(f"{path}: sample rate {rate} Hz, expected {sample_rate} Hz; pass --resample to convert")
+        mono = resample_int16(mono, rate, sample_rate)
+    if mono.size == 0:
+        raise AudioError(f"{path}: no audio samples")
+    return np.ascontiguousarray(mono)
+
+
+def resample_int16(samples: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """Polyphase resampling (scipy's windowed-sinc FIR), rounded and clipped back to int16."""
+    from scipy.signal import resample_poly
+
+    g = math.gcd(rate_in, rate_out)
+    out = resample_poly(samples.astype(np.float64), rate_out // g, rate_in // g)
+    return float_to_int16(out)
+
+
+def float_to_int16(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    return np.clip(np.round(x * scale), -32768, 32767).astype(np.int16)
+
+
+def _decode_with_soundfile(path: Path) -> tuple[np.ndarray, int]:
+    samples, rate = soundfile.read(str(path), dtype="int16", always_2d=True)
+    return samples, rate
+
+
+def _decode_with_av_or_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
+    decoder = m4a_decoder()
+    if decoder is None:
+        raise DecoderMissing(f"{path}: {M4A_HELP}")
+    return _decode_with_av(path) if decoder == "av" else _decode_with_ffmpeg(path)
+
+
+def _decode_with_av(path: Path) -> tuple[np.ndarray, int]:
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise AudioError(f"{path}: no audio stream")
+            stream = container.streams.audio[0]
+            planes = [frame.to_ndarray() for frame in container.decode(stream)]
+            rate = stream.codec_context.sample_rate
+    except av.FFmpegError as error:
+        raise AudioError(f"{path}: cannot decode: {error}") from error
+    if not planes:
+        raise AudioError(f"{path}: no audio samples")
+    # AAC decodes to planar float (channels, n); packed formats come as (1, n·channels).
+    channels = stream.codec_context.channels if hasattr(stream.codec_context, "channels") else planes[0].shape[0]
+    data = np.concatenate([p if p.shape[0] == channels else p.reshape(-1, channels).T for p in planes], axis=1)
+    if np.issubdtype(data.dtype, np.floating):
+        data = float_to_int16(data, 32768.0)
+    else:
+        data = data.astype(np.int16)
+    return data.T, rate
+
+
+def _decode_with_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries", "stream=sample_rate,channels",
+         "-of", "json", str(path)],
+        capture_output=True, text=True,
+    )
+    if probe.returncode != 0:
+        raise AudioError(f"{path}: ffprobe cannot read it: {probe.stderr.strip()}")
+    streams = json.loads(probe.stdout).get("streams", [])
+    if not streams:
+        raise AudioError(f"{path}: no audio stream")
+    rate, channels = int(streams[0]["sample_rate"]), int(streams[0]["channels"])
+    decoded = subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(path), "-f", "s16le", "-acodec", "pcm_s16le", "-"],
+        capture_output=True,
+    )
+    if decoded.returncode != 0:
+        raise AudioError(f"{path}: ffmpeg cannot decode it: {decoded.stderr.decode(errors='replace').strip()}")
+    return np.frombuffer(decoded.stdout, dtype="<i2").reshape(-1, channels), rate
+
+
+def encode(samples: np.ndarray, sample_rate: int, encoding: str) -> bytes:
+    """int16 samples → the bytes of a shard member (``flac``, or ``wav`` 16-bit PCM)."""
+    if encoding not in ENCODINGS:
+        raise SpeakeridError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, sample_rate, format=encoding.upper(), subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def decode(data: bytes) -> tuple[np.ndarray, int]:
+    """The bytes of a shard member (wav or flac) → (int16 samples, sample rate)."""
+    samples, rate = soundfile.read(io.BytesIO(data), dtype="int16")
+    return samples, rate

@@ -1,0 +1,1 @@
+"""Data: the synthetic speaker corpus, shard writing (plan, write, index, verify) and shard reading."""

@@ -1,0 +1,172 @@
+"""``index.json``: what a shard directory holds, and ``verify``: re-checking every shard against it.
+
+The index records the format version, sample rate, encoding, the speaker → label map (sorted ids →
+0..S-1, as voxceleb_trainer numbers them) and, per shard, its file name, bytes, sha256, utterances, chunks,
+speakers and duration. Evaluation and noise sets also list each shard's keys, so a reader knows what is
+where without opening a tar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from speakerid.audio import ENCODINGS, decode
+from speakerid.errors import SpeakeridError
+
+FORMAT = "speakerid-shards"
+VERSION = 1
+INDEX_NAME = "index.json"
+STATE_DIR = ".shardify"  # plan.json and per-shard stats while (and after) packing
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write to a temporary name, fsync, rename: readers see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_index(shard_dir: str | Path) -> dict:
+    shard_dir = Path(shard_dir)
+    path = shard_dir / INDEX_NAME
+    if not path.exists():
+        unfinished = (shard_dir / STATE_DIR / "plan.json").exists()
+        hint = (
+            "packing has not finished (or its parts were not merged): re-run the same `shardify pack` "
+            "command to resume, or `python -m shardify merge` after all parts"
+            if unfinished else "it is not a shard directory written by shardify"
+        )
+        raise SpeakeridError(f"{path}: no index; {hint}")
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SpeakeridError(f"{path}: cannot read the index: {error}") from error
+    if index.get("format") != FORMAT or index.get("version") != VERSION:
+        raise SpeakeridError(
+            f"{path}: format {index.get('format')!r} version {index.get('version')!r}, expected {FORMAT!r} "
+            f"version {VERSION}; re-pack with this speakerid"
+        )
+    return index
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """A tar member name → (sample key, extension), split as webdataset does: at the first dot of the last
+    path component (``id00012/21Uxsk56VDQ/00001.flac`` → ``id00012/21Uxsk56VDQ/00001``, ``flac``)."""
+    head, slash, last = name.rpartition("/")
+    stem, _, ext = last.partition(".")
+    return head + slash + stem, ext
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only stream that hashes and counts what passes through it (one pass: hash + parse)."""
+
+    def __init__(self, raw):
+        self.raw, self.sha256, self.bytes = raw, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.raw.readinto(buffer)
+        if n:
+            self.sha256.update(memoryview(buffer)[:n])
+            self.bytes += n
+        return n
+
+
+@dataclass
+class ShardCheck:
+    name: str
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_shard(path: Path, expected: dict, encoding: str, *, decode_audio: bool = False) -> ShardCheck:
+    """Hash and parse one shard in a single read; compare with its index entry."""
+    check = ShardCheck(expected["name"])
+    if not path.exists():
+        check.problems.append("missing")
+        return check
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        check.problems.append(f"{size} bytes, index says {expected['bytes']}")
+    members: Counter = Counter()
+    keys: set[str] = set()
+    declared: dict[str, int] = {}  # key → "samples" in its json
+    decoded: dict[str, int] = {}  # key → samples actually decoded (with decode_audio)
+    with open(path, "rb", buffering=0) as raw:
+        reader = _HashingReader(raw)
+        try:
+            with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as tar:
+                for member in tar:
+                    key, ext = split_member(member.name)
+                    data = tar.extractfile(member).read() if member.isfile() else b""
+                    members[ext] += 1
+                    keys.add(key)
+                    if ext == "json":
+                        declared[key] = json.loads(data).get("samples", -1)
+                    elif decode_audio and ext in ENCODINGS:
+                        decoded[key] = len(decode(data)[0])
+        except (tarfile.TarError, json.JSONDecodeError, OSError, RuntimeError, ValueError) as error:
+            check.problems.append(f"unreadable: {error}")
+        while reader.read(1 << 20):  # the tar's end padding counts towards the hash
+            pass
+    digest = reader.sha256.hexdigest()
+    if digest != expected["sha256"]:
+        check.problems.append(f"sha256 {digest[:16]}… does not match the index's {expected['sha256'][:16]}…")
+    if not check.problems:
+        n_audio, n_json = members[encoding], members["json"]
+        if not (n_audio == n_json == len(keys) == expected["samples"]):
+            check.problems.append(
+                f"{n_audio} audio and {n_json} json members for {len(keys)} keys, index says {expected['samples']} utterances"
+            )
+        wrong = [k for k, n in decoded.items() if declared.get(k) != n]
+        if wrong:
+            check.problems.append(f"{len(wrong)} member(s) decode to a length other than their json says, e.g. {wrong[0]}")
+    return check
+
+
+@dataclass
+class VerifyReport:
+    shard_dir: Path
+    checks: list[ShardCheck]
+    strays: list[str]  # .tar files in the directory that the index does not name
+    index: dict
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def bad(self) -> list[ShardCheck]:
+        return [c for c in self.checks if not c.ok]
+
+
+def verify(shard_dir: str | Path, *, decode_audio: bool = False, workers: int = 2) -> VerifyReport:
+    """Re-check every shard named by the index: present, size, sha256, tar structure, member counts."""
+    shard_dir = Path(shard_dir)
+    index = load_index(shard_dir)
+    encoding = index["encoding"]
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # hashlib and file reads release the GIL
+        checks = list(pool.map(
+            lambda entry: check_shard(shard_dir / entry["name"], entry, encoding, decode_audio=decode_audio),
+            index["shards"],
+        ))
+    named = {s["name"] for s in index["shards"]}
+    strays = sorted(p.name for p in shard_dir.glob("*.tar") if p.name not in named)
+    return VerifyReport(shard_dir, checks, strays, index)

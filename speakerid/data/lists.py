@@ -1,0 +1,154 @@
+"""The inputs shardify reads: training lists, evaluation lists and trial lists, or a scanned audio tree.
+
+Formats are voxceleb_trainer's: ``train_list.txt`` holds ``speaker relpath`` lines; a trial list holds
+``label enroll test`` lines (``enroll test`` without labels for scoring only). Every path is relative to an
+audio root. Blank lines and lines starting with ``#`` are ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from speakerid.audio import AUDIO_EXTENSIONS
+from speakerid.errors import SpeakeridError
+
+MAX_LISTED = 10
+
+
+@dataclass(frozen=True)
+class ListEntry:
+    spk: str
+    relpath: str
+    where: str  # "file:line" of the line it came from, or the scanned root
+
+
+def utterance_key(relpath: str) -> str:
+    """The shard key of an utterance: its relative path without the audio extension.
+
+    webdataset splits a member name at the first dot of its last component, so dots left in the stem
+    become underscores (``a/b.c.wav`` → ``a/b_c``); the original path is kept in the member's JSON.
+    """
+    path = relpath.replace(os.sep, "/").removeprefix("./")
+    stem, ext = os.path.splitext(path)
+    if ext.lower() not in AUDIO_EXTENSIONS:
+        stem = path
+    head, _, name = stem.rpartition("/")
+    return f"{head}/{name.replace('.', '_')}" if head else name.replace(".", "_")
+
+
+def _lines(path: Path):
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SpeakeridError(f"{path}: cannot read the list: {error}") from error
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            yield number, stripped
+
+
+def _fail_on_bad_lines(path: Path, bad: list[tuple[int, str]], expected: str) -> None:
+    if not bad:
+        return
+    shown = "\n".join(f"  {path}:{number}: {line!r}" for number, line in bad[:MAX_LISTED])
+    more = f"\n  … and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+    raise SpeakeridError(
+        f"{path}: {len(bad)} line(s) do not have the form {expected}:\n{shown}{more}\n"
+        "Fix or delete these lines and run the command again."
+    )
+
+
+def read_train_list(path: str | Path) -> list[ListEntry]:
+    """``speaker relpath`` lines (voxceleb_trainer's train_list.txt)."""
+    path = Path(path)
+    entries, bad = [], []
+    for number, line in _lines(path):
+        fields = line.split()
+        if len(fields) != 2:
+            bad.append((number, line))
+            continue
+        entries.append(ListEntry(fields[0], fields[1], f"{path}:{number}"))
+    _fail_on_bad_lines(path, bad, "'speaker relpath' (2 fields)")
+    if not entries:
+        raise SpeakeridError(f"{path}: the list is empty; expected 'speaker relpath' lines")
+    return entries
+
+
+def read_eval_list(path: str | Path) -> list[ListEntry]:
+    """``relpath`` or ``speaker relpath`` lines; the speaker defaults to the first path component."""
+    path = Path(path)
+    entries, bad = [], []
+    for number, line in _lines(path):
+        fields = line.split()
+        if len(fields) == 1:
+            entries.append(ListEntry(speaker_of(fields[0]), fields[0], f"{path}:{number}"))
+        elif len(fields) == 2:
+            entries.append(ListEntry(fields[0], fields[1], f"{path}:{number}"))
+        else:
+            bad.append((number, line))
+    _fail_on_bad_lines(path, bad, "'relpath' or 'speaker relpath'")
+    if not entries:
+        raise SpeakeridError(f"{path}: the list is empty; expected 'relpath' or 'speaker relpath' lines")
+    return entries
+
+
+@dataclass(frozen=True)
+class Trial:
+    label: int | None  # 1 target, 0 non-target, None for an unlabelled list
+    enroll: str
+    test: str
+    where: str
+
+
+def read_trials(path: str | Path) -> list[Trial]:
+    """``label enroll test`` lines (labels 0/1), or ``enroll test`` lines for scoring without labels."""
+    path = Path(path)
+    trials, bad = [], []
+    for number, line in _lines(path):
+        fields = line.split()
+        where = f"{path}:{number}"
+        if len(fields) == 3 and fields[0] in ("0", "1"):
+            trials.append(Trial(int(fields[0]), fields[1], fields[2], where))
+        elif len(fields) == 2:
+            trials.append(Trial(None, fields[0], fields[1], where))
+        else:
+            bad.append((number, line))
+    _fail_on_bad_lines(path, bad, "'label enroll test' with label 0 or 1, or 'enroll test'")
+    if not trials:
+        raise SpeakeridError(f"{path}: the trial list is empty")
+    if len({t.label is None for t in trials}) > 1:
+        raise SpeakeridError(f"{path}: some lines have a label and some do not; label every line or none")
+    return trials
+
+
+def entries_from_trials(paths: list[str | Path]) -> list[ListEntry]:
+    """Each utterance named by any of the trial lists, once, in sorted order."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        for trial in read_trials(path):
+            seen.setdefault(trial.enroll, trial.where)
+            seen.setdefault(trial.test, trial.where)
+    return [ListEntry(speaker_of(rel), rel, seen[rel]) for rel in sorted(seen)]
+
+
+def scan_audio_tree(root: str | Path) -> list[ListEntry]:
+    """Every audio file under ``root`` (sorted), speaker = first path component."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SpeakeridError(f"{root}: not a directory; --root must name the folder holding the audio")
+    relpaths = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
+    )
+    if not relpaths:
+        raise SpeakeridError(f"{root}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found under it")
+    return [ListEntry(speaker_of(rel), rel, str(root)) for rel in relpaths]
+
+
+def speaker_of(relpath: str) -> str:
+    """VoxCeleb layout: ``id10270/5r0dWxy17C8/00001.wav`` belongs to ``id10270``."""
+    return re.split(r"[/\\]", relpath, maxsplit=1)[0]

@@ -1,0 +1,211 @@
+"""Planning a shard set: which utterance goes into which shard, decided before any audio is read.
+
+Training sets are "grouped per speaker": each speaker's utterances are shuffled and cut into chunks of
+``chunk_size`` (one speaker, contiguous in the tar); all chunks of all speakers are shuffled and packed
+into shards of a target size. A reader holding a few shards therefore sees many speakers, each as short
+runs, which is what drawing N speakers × M utterances without random access needs. Evaluation and noise
+sets keep one utterance per chunk in sorted path order.
+
+The plan is a pure function of the list, the configuration and the input file sizes, so every SLURM array
+task (``--part i --parts n``) computes the same plan and writes its own share of it, and a re-run can tell
+finished shards from missing ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from speakerid.audio import ENCODINGS, check_decoders
+from speakerid.data.lists import MAX_LISTED, ListEntry, utterance_key
+from speakerid.errors import SpeakeridError
+
+KINDS = ("train", "eval", "noise")
+DEFAULT_SHARD_SIZE = 256 * 1024**2
+
+# Output bytes per input byte, to aim at --shard-size from file sizes alone (the index records real sizes).
+# VoxCeleb2's AAC is about 8 kB/s against 32 kB/s of 16-bit PCM; FLAC keeps about 60% of PCM on speech.
+_SIZE_RATIO = {
+    (".wav", "wav"): 1.0, (".wav", "flac"): 0.6,
+    (".flac", "wav"): 1.7, (".flac", "flac"): 1.0,
+    (".m4a", "wav"): 4.0, (".m4a", "flac"): 2.4,
+}
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """Everything that decides the content of a shard set (and so must match when a run resumes)."""
+
+    kind: str = "train"
+    encoding: str = "flac"
+    sample_rate: int = 16000
+    chunk_size: int = 16
+    shard_size: int = DEFAULT_SHARD_SIZE
+    max_utts: int | None = None
+    seed: int = 0
+    prefix: str | None = None
+    resample: bool = False
+    downmix: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise SpeakeridError(f"unknown kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.encoding not in ENCODINGS:
+            raise SpeakeridError(f"unknown encoding {self.encoding!r}; choose one of {', '.join(ENCODINGS)}")
+        if self.chunk_size < 1:
+            raise SpeakeridError(f"--chunk-size must be at least 1, got {self.chunk_size}")
+        if self.shard_size < 1:
+            raise SpeakeridError(f"--shard-size must be positive, got {self.shard_size}")
+        if self.max_utts is not None and self.max_utts < 1:
+            raise SpeakeridError(f"--max-utts must be at least 1, got {self.max_utts}")
+        if self.kind == "train" and self.max_utts is not None and self.max_utts < self.chunk_size:
+            raise SpeakeridError(
+                f"--max-utts {self.max_utts} is smaller than --chunk-size {self.chunk_size}: a speaker chunk "
+                "never spans two shards; raise --max-utts or lower --chunk-size"
+            )
+
+    @property
+    def shard_prefix(self) -> str:
+        return self.prefix or self.kind
+
+
+@dataclass(frozen=True)
+class Item:
+    """One planned utterance."""
+
+    key: str
+    src: str  # path relative to the audio root, as listed
+    spk: str  # speaker (train, eval) or category (noise: first path component, e.g. MUSAN's noise/speech/music)
+    label: int  # 0..S-1 on training sets, -1 elsewhere
+    chunk: int  # global chunk number (train), -1 elsewhere
+    est_bytes: int
+
+
+@dataclass
+class PackPlan:
+    config: PackConfig
+    names: list[str]
+    shards: list[list[Item]]
+    speakers: dict[str, int]
+    skipped: list[dict] = field(default_factory=list)  # missing inputs left out with --skip-bad
+    digest: str = ""
+
+    @property
+    def n_items(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+
+def make_plan(entries: list[ListEntry], root: str | Path, config: PackConfig, *, skip_bad: bool = False,
+              stat_threads: int = 32) -> PackPlan:
+    """Check the listed files exist (in parallel: lists live on network filesystems) and plan the shards."""
+    root = Path(root)
+    _check_duplicates(entries)
+    try:
+        check_decoders(root / e.relpath for e in entries)
+    except SpeakeridError as error:
+        raise SpeakeridError(f"{error}. Nothing was written.") from None
+    speakers = {spk: label for label, spk in enumerate(sorted({e.spk for e in entries}))} if config.kind == "train" else {}
+
+    def size_of(entry: ListEntry) -> int | str:
+        try:
+            st = os.stat(root / entry.relpath)
+        except OSError as error:
+            return error.strerror or str(error)
+        return st.st_size if st.st_size > 0 else "empty file"
+
+    with ThreadPoolExecutor(stat_threads) as pool:
+        sizes = list(pool.map(size_of, entries))
+    missing = [(e, s) for e, s in zip(entries, sizes) if isinstance(s, str)]
+    if missing and not skip_bad:
+        shown = "\n".join(f"  {e.where}: {root / e.relpath}: {reason}" for e, reason in missing[:MAX_LISTED])
+        more = f"\n  … and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
+        raise SpeakeridError(
+            f"{len(missing)} of {len(entries)} listed audio files cannot be read:\n{shown}{more}\n"
+            "Check --root, fix or remove these lines, or pass --skip-bad to leave them out (they are then "
+            "counted in the summary and the index). Nothing was written."
+        )
+    skipped = [{"src": e.relpath, "reason": reason} for e, reason in missing]
+    usable = [(e, s) for e, s in zip(entries, sizes) if not isinstance(s, str)]
+    if not usable:
+        raise SpeakeridError("no listed audio file can be read; check --root")
+
+    def item(entry: ListEntry, size: int, chunk: int) -> Item:
+        ratio = _SIZE_RATIO.get((Path(entry.relpath).suffix.lower(), config.encoding), 1.0)
+        return Item(utterance_key(entry.relpath), entry.relpath, entry.spk, speakers.get(entry.spk, -1), chunk,
+                    int(size * ratio))
+
+    if config.kind == "train":
+        chunks = _speaker_chunks(usable, speakers, config, item)
+        order = np.random.default_rng([config.seed, 2]).permutation(len(chunks))
+        chunks = [chunks[i] for i in order]
+    else:
+        chunks = [[item(e, s, -1)] for e, s in sorted(usable, key=lambda es: es[0].relpath)]
+
+    shards = _pack(chunks, config)
+    names = [f"{config.shard_prefix}-{i:06d}.tar" for i in range(len(shards))]
+    plan = PackPlan(config, names, shards, speakers, skipped)
+    plan.digest = plan_digest(plan)
+    return plan
+
+
+def _check_duplicates(entries: list[ListEntry]) -> None:
+    by_key: dict[str, list[ListEntry]] = defaultdict(list)
+    for entry in entries:
+        by_key[utterance_key(entry.relpath)].append(entry)
+    clashes = [group for group in by_key.values() if len(group) > 1]
+    if clashes:
+        shown = "\n".join(
+            "  " + " and ".join(f"{e.where} ({e.relpath})" for e in group) for group in clashes[:MAX_LISTED]
+        )
+        raise SpeakeridError(
+            f"{len(clashes)} utterance(s) are listed more than once (or differ only by extension or dots, "
+            f"which give the same shard key):\n{shown}\nRemove the duplicate lines."
+        )
+
+
+def _speaker_chunks(usable, speakers, config: PackConfig, item) -> list[list[Item]]:
+    by_speaker: dict[str, list] = defaultdict(list)
+    for entry, size in usable:
+        by_speaker[entry.spk].append((entry, size))
+    chunks: list[list[Item]] = []
+    for spk in sorted(by_speaker):
+        utts = by_speaker[spk]
+        # Shuffled before chunking so that a chunk mixes the speaker's videos instead of one session.
+        order = np.random.default_rng([config.seed, 1, speakers[spk]]).permutation(len(utts))
+        for start in range(0, len(utts), config.chunk_size):
+            number = len(chunks)
+            chunks.append([item(*utts[i], number) for i in order[start:start + config.chunk_size]])
+    return chunks
+
+
+def _pack(chunks: list[list[Item]], config: PackConfig) -> list[list[Item]]:
+    shards: list[list[Item]] = [[]]
+    size = 0
+    for chunk in chunks:
+        chunk_bytes = sum(i.est_bytes for i in chunk)
+        current = shards[-1]
+        full = (len(current) + len(chunk) > config.max_utts) if config.max_utts else (size + chunk_bytes > config.shard_size)
+        if current and full:
+            shards.append([])
+            size = 0
+        shards[-1].extend(chunk)
+        size += chunk_bytes
+    return shards
+
+
+def plan_digest(plan: PackPlan) -> str:
+    """sha256 of what the shards will hold; equal digests mean equal shard sets."""
+    h = hashlib.sha256()
+    h.update(json.dumps(asdict(plan.config), sort_keys=True).encode())
+    for name, items in zip(plan.names, plan.shards):
+        h.update(name.encode())
+        for i in items:
+            h.update(f"\0{i.key}\0{i.src}\0{i.spk}\0{i.label}\0{i.chunk}".encode())
+    return h.hexdigest()

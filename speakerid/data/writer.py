@@ -1,0 +1,327 @@
+"""Writing a planned shard set: atomic shards, resume, worker processes, SLURM parts and their merge.
+
+Each shard is written to a hidden temporary name, hashed while it is written, fsynced, its stats stored
+in ``.shardify/<name>.json``, and only then renamed to ``<name>.tar``: a ``.tar`` that exists is complete.
+A re-run of the same command skips those and writes the rest; an interrupted run leaves no ``index.json``,
+so ``verify`` refuses the directory until packing finishes. Shards are bit-reproducible (fixed member
+times and owners), so a resumed run, a run with other ``--workers`` and a ``--part``/``merge`` run all
+produce the same shards and the same index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable
+
+import webdataset as wds
+
+from speakerid import __version__
+from speakerid.audio import AudioError, encode, read_audio
+from speakerid.data.index import FORMAT, INDEX_NAME, STATE_DIR, VERSION, write_json_atomic
+from speakerid.data.lists import MAX_LISTED
+from speakerid.data.plan import Item, PackConfig, PackPlan
+from speakerid.errors import SpeakeridError
+
+Progress = Callable[[int, int], None]  # (utterances, input bytes) just finished
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts every byte the tar writer emits."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+@dataclass
+class ShardJob:
+    out_dir: Path
+    root: Path
+    name: str
+    items: list[Item]
+    config: PackConfig
+    skip_bad: bool
+
+
+@dataclass
+class ShardResult:
+    name: str
+    written: bool
+    stats: dict | None
+    bad: list[dict] = field(default_factory=list)  # {"src", "reason"} of inputs that could not be decoded
+    input_bytes: int = 0
+
+
+def _metadata(item: Item, samples: int, config: PackConfig) -> dict:
+    meta = {"samples": samples, "sr": config.sample_rate, "src": item.src}
+    if config.kind == "noise":
+        meta["category"] = item.spk
+    else:
+        meta["spk"] = item.spk
+    if config.kind == "train":
+        meta.update(label=item.label, chunk=item.chunk)
+    return meta
+
+
+def write_shard(job: ShardJob, progress: Progress | None = None) -> ShardResult:
+    """Decode, encode and tar one shard's utterances; rename into place only when complete."""
+    config = job.config
+    final = job.out_dir / job.name
+    tmp = job.out_dir / f".{job.name}.tmp-{os.getpid()}"
+    bad: list[dict] = []
+    n_samples = duration = input_bytes = 0
+    speakers, chunks = set(), set()
+    keys: list[str] = []
+    try:
+        with open(tmp, "wb") as f:
+            out = _HashingWriter(f)
+            with wds.TarWriter(out, user="speakerid", group="speakerid", mode=0o444, mtime=0) as tar:
+                for item in job.items:
+                    path = job.root / item.src
+                    try:
+                        audio = read_audio(path, config.sample_rate, resample=config.resample, downmix=config.downmix)
+                    except AudioError as error:
+                        bad.append({"src": item.src, "reason": str(error).removeprefix(f"{path}: ")})
+                        continue
+                    finally:
+                        size = path.stat().st_size if path.exists() else 0
+                        input_bytes += size
+                        if progress:
+                            progress(1, size)
+                    if bad and not job.skip_bad:
+                        continue  # this shard will not be kept: only look for more bad files
+                    tar.write({
+                        "__key__": item.key,
+                        config.encoding: encode(audio, config.sample_rate, config.encoding),
+                        "json": json.dumps(_metadata(item, len(audio), config), sort_keys=True).encode(),
+                    })
+                    n_samples += 1
+                    duration += len(audio)
+                    speakers.add(item.spk)
+                    chunks.add(item.chunk)
+                    keys.append(item.key)
+            f.flush()
+            os.fsync(f.fileno())
+        if bad and not job.skip_bad:
+            tmp.unlink()
+            return ShardResult(job.name, False, None, bad, input_bytes)
+        stats = {
+            "name": job.name, "bytes": out.bytes, "sha256": out.sha256.hexdigest(), "samples": n_samples,
+            "chunks": len(chunks) if config.kind == "train" else n_samples, "speakers": len(speakers),
+            "duration": round(duration / config.sample_rate, 3), "skipped": bad,
+        }
+        if config.kind != "train":
+            stats["keys"] = keys
+        write_json_atomic(job.out_dir / STATE_DIR / f"{job.name}.json", stats)
+        os.replace(tmp, final)
+        return ShardResult(job.name, True, stats, bad, input_bytes)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# Worker-process side of the pool: progress goes back to the parent through a queue.
+_queue = None
+
+
+def _init_worker(queue) -> None:
+    global _queue
+    _queue = queue
+
+
+def _write_in_worker(job: ShardJob) -> ShardResult:
+    return write_shard(job, lambda n, b: _queue.put((n, b)))
+
+
+@dataclass
+class PackReport:
+    plan: PackPlan
+    out_dir: Path
+    part: int
+    parts: int
+    written: list[str]
+    resumed: list[str]
+    skipped: list[dict]  # everything left out with --skip-bad: missing at planning + undecodable
+    utterances: int
+    input_bytes: int
+    output_bytes: int
+    duration: float
+    seconds: float
+    index_path: Path | None
+
+
+class PackListener:
+    """What a front end hears while packing (the CLI draws a rich progress bar from it)."""
+
+    def started(self, plan: PackPlan, todo_utterances: int, resumed_shards: int) -> None: ...
+
+    def advance(self, utterances: int, input_bytes: int) -> None: ...
+
+    def shard_done(self, result: ShardResult) -> None: ...
+
+
+def pack(plan: PackPlan, root: str | Path, out_dir: str | Path, *, workers: int = 1, part: int = 0,
+         parts: int = 1, skip_bad: bool = False, listener: PackListener | None = None) -> PackReport:
+    """Write this part's shards of ``plan`` into ``out_dir`` (resuming), then the index when whole."""
+    if parts < 1 or not 0 <= part < parts:
+        raise SpeakeridError(f"--part {part} --parts {parts}: need 0 <= part < parts")
+    listener = listener or PackListener()
+    root, out_dir = Path(root), Path(out_dir)
+    _claim_directory(out_dir, plan)
+    mine = [i for i in range(len(plan.names)) if i % parts == part]
+    for i in mine:  # temporaries of an interrupted run of this part; other parts' live files are left alone
+        for stale in out_dir.glob(f".{plan.names[i]}.tmp-*"):
+            stale.unlink(missing_ok=True)
+    resumed = [plan.names[i] for i in mine if _is_finished(out_dir, plan.names[i])]
+    jobs = [ShardJob(out_dir, root, plan.names[i], plan.shards[i], plan.config, skip_bad)
+            for i in mine if plan.names[i] not in resumed]
+    listener.started(plan, sum(len(j.items) for j in jobs), len(resumed))
+
+    start = time.perf_counter()
+    results = _run_jobs(jobs, workers, listener)
+    seconds = time.perf_counter() - start
+
+    bad = [b for r in results for b in r.bad]
+    if bad and not skip_bad:
+        shown = "\n".join(f"  {root / b['src']}: {b['reason']}" for b in bad[:MAX_LISTED])
+        more = f"\n  … and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        kept = sum(r.written for r in results) + len(resumed)
+        raise SpeakeridError(
+            f"{len(bad)} audio file(s) cannot be decoded:\n{shown}{more}\n"
+            "Fix or remove them from the list, or re-run with --skip-bad to leave them out (they are then "
+            f"counted in the summary and the index). The {kept} finished shard(s) are kept: the re-run resumes."
+        )
+    index_path = write_index(out_dir) if parts == 1 else None
+    stats = [r.stats for r in results if r.stats]
+    return PackReport(
+        plan, out_dir, part, parts, [r.name for r in results if r.written], resumed,
+        plan.skipped + bad, sum(s["samples"] for s in stats), sum(r.input_bytes for r in results),
+        sum(s["bytes"] for s in stats), sum(s["duration"] for s in stats), seconds, index_path,
+    )
+
+
+def _run_jobs(jobs: list[ShardJob], workers: int, listener: PackListener) -> list[ShardResult]:
+    results: list[ShardResult] = []
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            results.append(write_shard(job, listener.advance))
+            listener.shard_done(results[-1])
+        return results
+    context = get_context("fork")  # workers import nothing heavy (no torch), fork starts them instantly
+    queue = context.Queue()
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(queue,)) as pool:
+        futures = [pool.submit(_write_in_worker, job) for job in jobs]
+        try:
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+                _drain(queue, listener)
+                for future in done:
+                    results.append(future.result())
+                    listener.shard_done(results[-1])
+            _drain(queue, listener)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return results
+
+
+def _drain(queue, listener: PackListener) -> None:
+    while not queue.empty():
+        try:
+            n, b = queue.get_nowait()
+        except Exception:  # queue.Empty: raced with another reader; nothing more now
+            return
+        listener.advance(n, b)
+
+
+def _is_finished(out_dir: Path, name: str) -> bool:
+    stats_path = out_dir / STATE_DIR / f"{name}.json"
+    tar = out_dir / name
+    if not (tar.exists() and stats_path.exists()):
+        return False
+    try:
+        return json.loads(stats_path.read_text())["bytes"] == tar.stat().st_size
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _plan_record(plan: PackPlan) -> dict:
+    return {
+        "format": FORMAT, "version": VERSION, "config": asdict(plan.config), "digest": plan.digest,
+        "names": plan.names, "speakers": plan.speakers, "skipped": plan.skipped,
+    }
+
+
+def _claim_directory(out_dir: Path, plan: PackPlan) -> None:
+    """Create ``out_dir`` for this plan, or check that what it holds was packed with the same plan."""
+    state = out_dir / STATE_DIR
+    plan_path = state / "plan.json"
+    if plan_path.exists():
+        existing = json.loads(plan_path.read_text())
+        if existing.get("digest") == plan.digest:
+            return
+        ours = asdict(plan.config)
+        theirs = existing.get("config", {})
+        diffs = [f"{k}: {theirs.get(k)!r} there, {v!r} now" for k, v in ours.items() if theirs.get(k) != v]
+        what = "; ".join(diffs) if diffs else "the list or the input files changed since it was started"
+        raise SpeakeridError(
+            f"{out_dir} holds shards of a different configuration ({what}). "
+            "Use a new --out directory, or delete this one to re-pack."
+        )
+    if out_dir.exists() and any(out_dir.glob("*.tar")):
+        raise SpeakeridError(
+            f"{out_dir} already holds .tar files that shardify did not plan there; use a new --out directory"
+        )
+    state.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(plan_path, _plan_record(plan))
+
+
+def write_index(out_dir: str | Path) -> Path:
+    """Build ``index.json`` from the plan and every shard's stats (``shardify merge`` after parts)."""
+    out_dir = Path(out_dir)
+    plan_path = out_dir / STATE_DIR / "plan.json"
+    if not plan_path.exists():
+        raise SpeakeridError(f"{out_dir}: no {STATE_DIR}/plan.json; run `shardify pack` into it first")
+    plan = json.loads(plan_path.read_text())
+    unfinished = [(i, name) for i, name in enumerate(plan["names"]) if not _is_finished(out_dir, name)]
+    if unfinished:
+        shown = ", ".join(f"{name} (shard {i})" for i, name in unfinished[:MAX_LISTED])
+        raise SpeakeridError(
+            f"{out_dir}: {len(unfinished)} of {len(plan['names'])} shards are not finished: {shown}"
+            f"{' …' if len(unfinished) > MAX_LISTED else ''}. Shard i belongs to --part i % parts: re-run "
+            "those parts (they resume), then merge again."
+        )
+    shards = [json.loads((out_dir / STATE_DIR / f"{name}.json").read_text()) for name in plan["names"]]
+    skipped = plan["skipped"] + [b for s in shards for b in s.pop("skipped")]
+    config = plan["config"]
+    index = {
+        "format": FORMAT, "version": VERSION, "tool": f"speakerid-toolkit {__version__}",
+        "kind": config["kind"], "sample_rate": config["sample_rate"], "encoding": config["encoding"],
+        "config": config, "plan_digest": plan["digest"], "speakers": plan["speakers"], "shards": shards,
+        "totals": {
+            "shards": len(shards), "samples": sum(s["samples"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards), "duration": round(sum(s["duration"] for s in shards), 3),
+            "speakers": len(plan["speakers"]) if plan["speakers"] else None, "skipped": len(skipped),
+        },
+        "skipped": skipped,
+    }
+    if config["kind"] != "train":
+        index["totals"]["speakers"] = len({k.split("/", 1)[0] for s in shards for k in s["keys"]})
+    path = out_dir / INDEX_NAME
+    write_json_atomic(path, index)
+    return path
