@@ -85,6 +85,7 @@ def write_shard(job: ShardJob, progress: Progress | None = None) -> ShardResult:
     bad: list[dict] = []
     n_samples = duration = input_bytes = 0
     speakers, chunks = set(), set()
+    per_label: dict[int, int] = {}
     keys: list[str] = []
     try:
         with open(tmp, "wb") as f:
@@ -113,6 +114,7 @@ def write_shard(job: ShardJob, progress: Progress | None = None) -> ShardResult:
                     duration += len(audio)
                     speakers.add(item.spk)
                     chunks.add(item.chunk)
+                    per_label[item.label] = per_label.get(item.label, 0) + 1
                     keys.append(item.key)
             f.flush()
             os.fsync(f.fileno())
@@ -124,7 +126,9 @@ def write_shard(job: ShardJob, progress: Progress | None = None) -> ShardResult:
             "chunks": len(chunks) if config.kind == "train" else n_samples, "speakers": len(speakers),
             "duration": round(duration / config.sample_rate, 3), "skipped": bad,
         }
-        if config.kind != "train":
+        if config.kind == "train":  # lets a reader size an epoch (tuples per speaker) from the index alone
+            stats["labels"] = {str(label): n for label, n in sorted(per_label.items())}
+        else:
             stats["keys"] = keys
         write_json_atomic(job.out_dir / STATE_DIR / f"{job.name}.json", stats)
         os.replace(tmp, final)

@@ -1,0 +1,378 @@
+"""shardify on real tar files made from the built-in corpus: round trip, grouping, resume, parts, verify, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import webdataset as wds
+
+from speakerid.audio import read_audio
+from speakerid.data.index import load_index
+from speakerid.data.lists import read_train_list, utterance_key
+from tests.conftest import REPO
+
+
+def read_shards(shard_dir: Path) -> list[dict]:
+    """Every sample of every shard, in index order, through webdataset (as the training reader will)."""
+    index = load_index(shard_dir)
+    urls = [str(shard_dir / s["name"]) for s in index["shards"]]
+    samples = []
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        ext = index["encoding"]
+        audio, rate = soundfile.read(io.BytesIO(sample[ext]), dtype="int16")
+        samples.append({"key": sample["__key__"], "url": sample["__url__"], "audio": audio, "rate": rate,
+                        "meta": json.loads(sample["json"])})
+    return samples
+
+
+def pack_train(shardify, corpus, out, *extra, **kw):
+    return shardify("pack", "--list", corpus.train_list, "--root", corpus.root, "--out", out, *extra, **kw)
+
+
+@pytest.mark.parametrize("encoding", ["wav", "flac"])
+def test_round_trip_every_utterance_once_bit_exact_with_its_label(shardify, corpus, tmp_path, encoding):
+    out = tmp_path / "shards"
+    pack_train(shardify, corpus, out, "--encoding", encoding, "--max-utts", 16, "--chunk-size", 4)
+    entries = read_train_list(corpus.train_list)
+    labels = {spk: i for i, spk in enumerate(sorted({e.spk for e in entries}))}
+    samples = read_shards(out)
+
+    assert sorted(s["key"] for s in samples) == sorted(utterance_key(e.relpath) for e in entries)
+    by_src = {e.relpath: e for e in entries}
+    for s in samples:
+        entry = by_src[s["meta"]["src"]]
+        original, rate = soundfile.read(corpus.root / entry.relpath, dtype="int16")
+        assert s["rate"] == rate == 16000
+        np.testing.assert_array_equal(s["audio"], original)  # bit-exact, wav and flac alike
+        assert s["meta"]["samples"] == len(original)
+        assert s["meta"]["spk"] == entry.spk and s["meta"]["label"] == labels[entry.spk]
+    index = load_index(out)
+    assert index["speakers"] == labels
+    assert index["totals"]["samples"] == len(entries)
+    for shard in index["shards"]:  # utterances per label, per shard: what a reader sizes its epoch from
+        in_shard = [s["meta"]["label"] for s in samples if s["url"].endswith(shard["name"])]
+        assert shard["labels"] == {str(k): in_shard.count(k) for k in sorted(set(in_shard))}
+    assert index["encoding"] == encoding
+
+
+def test_chunks_are_contiguous_single_speaker_and_shards_mix_speakers(shardify, corpus, tmp_path):
+    out = tmp_path / "shards"
+    pack_train(shardify, corpus, out, "--max-utts", 24, "--chunk-size", 3)
+    samples = read_shards(out)
+    runs: dict[int, list[int]] = defaultdict(list)  # chunk → positions in the stream
+    for position, s in enumerate(samples):
+        runs[s["meta"]["chunk"]].append(position)
+    for chunk, positions in runs.items():
+        assert positions == list(range(positions[0], positions[0] + len(positions))), f"chunk {chunk} not contiguous"
+        assert len(positions) <= 3
+        assert len({samples[p]["meta"]["spk"] for p in positions}) == 1
+        assert len({samples[p]["url"] for p in positions}) == 1, "a chunk never spans two shards"
+    speakers_per_shard = defaultdict(set)
+    for s in samples:
+        speakers_per_shard[s["url"]].add(s["meta"]["spk"])
+    assert min(len(v) for v in speakers_per_shard.values()) >= 4
+    index = load_index(out)
+    assert [len(v) for v in speakers_per_shard.values()] == [s["speakers"] for s in index["shards"]]
+
+
+def test_shards_and_index_do_not_depend_on_workers_or_reruns(shardify, corpus, tmp_path):
+    pack_train(shardify, corpus, tmp_path / "one", "--max-utts", 16, "--workers", 1)
+    pack_train(shardify, corpus, tmp_path / "two", "--max-utts", 16, "--workers", 2)
+    assert load_index(tmp_path / "one") == load_index(tmp_path / "two")
+    again = pack_train(shardify, corpus, tmp_path / "one", "--max-utts", 16)
+    assert "0 / 8 / 8" in again.stderr or "resuming" in again.stderr
+    assert load_index(tmp_path / "one") == load_index(tmp_path / "two")
+
+
+def _start_pack(corpus, out, *extra) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "shardify", "pack", "--list", str(corpus.train_list), "--root", str(corpus.root),
+           "--out", str(out), "--max-utts", "1", "--chunk-size", "1", *extra]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_shards(out: Path, n: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("*.tar"))) < n:
+        assert process.poll() is None, f"pack ended before it could be interrupted:\n{process.stderr.read()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def test_resume_after_a_killed_run_gives_the_same_index(shardify, corpus, tmp_path):
+    pack_train(shardify, corpus, tmp_path / "whole", "--max-utts", 1, "--chunk-size", 1)
+    out = tmp_path / "killed"
+    process = _start_pack(corpus, out)
+    _wait_for_shards(out, 3, process)
+    process.kill()  # SIGKILL: no clean-up at all, a temporary shard may be left behind
+    process.wait()
+    assert not (out / "index.json").exists()
+    finished = len(list(out.glob("*.tar")))
+    total = len(load_index(tmp_path / "whole")["shards"])
+    assert 3 <= finished < total
+
+    resumed = pack_train(shardify, corpus, out, "--max-utts", 1, "--chunk-size", 1)
+    assert f"{finished} finished shard(s) kept" in resumed.stderr
+    assert load_index(out) == load_index(tmp_path / "whole")
+    assert not list(out.glob(".*.tmp-*")), "temporaries of the killed run are cleaned up"
+    for name in (s["name"] for s in load_index(out)["shards"]):
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_ctrl_c_leaves_nothing_verify_would_accept(shardify, corpus, tmp_path):
+    out = tmp_path / "interrupted"
+    process = _start_pack(corpus, out, "--encoding", "flac")
+    _wait_for_shards(out, 2, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "re-run the same command to resume" in stderr
+    result = shardify("verify", out, check=False)
+    assert result.returncode == 2
+    assert "packing has not finished" in result.stderr
+    assert not list(out.glob(".*.tmp-*"))
+
+
+def test_parts_then_merge_equal_a_single_run(shardify, corpus, tmp_path):
+    pack_train(shardify, corpus, tmp_path / "single", "--max-utts", 8, "--chunk-size", 4)
+    parts = tmp_path / "parts"
+    for part in (0, 2):
+        result = pack_train(shardify, corpus, parts, "--max-utts", 8, "--chunk-size", 4, "--part", part, "--parts", 3)
+        assert "python -m shardify merge" in result.stderr
+    early = shardify("merge", parts, check=False)
+    assert early.returncode == 2
+    assert "not finished" in early.stderr and "train-000001.tar" in early.stderr
+    pack_train(shardify, corpus, parts, "--max-utts", 8, "--chunk-size", 4, "--part", 1, "--parts", 3)
+    shardify("merge", parts)
+    assert load_index(parts) == load_index(tmp_path / "single")
+    shardify("verify", parts)
+
+
+def test_verify_catches_a_flipped_byte(shardify, corpus, tmp_path):
+    out = tmp_path / "shards"
+    pack_train(shardify, corpus, out, "--max-utts", 16, "--encoding", "wav")
+    assert shardify("verify", out, "--decode").returncode == 0
+    victim = out / load_index(out)["shards"][1]["name"]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside audio: the tar still parses, only the hash can tell
+    victim.write_bytes(bytes(data))
+    result = shardify("verify", out, check=False)
+    assert result.returncode == 1
+    assert f"BAD {victim.name}" in result.stderr and "sha256" in result.stderr
+
+
+def test_verify_catches_a_truncated_shard(shardify, corpus, tmp_path):
+    out = tmp_path / "shards"
+    pack_train(shardify, corpus, out, "--max-utts", 16)
+    victim = out / load_index(out)["shards"][0]["name"]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    result = shardify("verify", out, check=False)
+    assert result.returncode == 1 and f"BAD {victim.name}" in result.stderr and "bytes" in result.stderr
+
+
+def test_eval_kind_packs_trial_utterances_keyed_by_path(shardify, corpus, tmp_path):
+    out = tmp_path / "eval"
+    shardify("pack", "--kind", "eval", "--trials", corpus.trials, "--root", corpus.root, "--out", out, "--max-utts", 5)
+    needed = set()
+    for line in Path(corpus.trials).read_text().split("\n"):
+        if line.strip():
+            needed.update(line.split()[1:])
+    index = load_index(out)
+    assert sorted(k for s in index["shards"] for k in s["keys"]) == sorted(utterance_key(p) for p in needed)
+    samples = read_shards(out)
+    assert {s["meta"]["src"] for s in samples} == needed
+    assert all("label" not in s["meta"] and "chunk" not in s["meta"] for s in samples)
+    assert [s["key"] for s in samples] == sorted(s["key"] for s in samples)
+
+
+def test_noise_kind_scans_a_tree_and_records_categories(shardify, tmp_path):
+    root = tmp_path / "musan"
+    rng = np.random.default_rng(0)
+    for category in ("noise", "speech", "music"):
+        for i in range(2):
+            path = root / category / "src" / f"{category}-{i:04d}.v1.wav"  # a dot in the stem too
+            path.parent.mkdir(parents=True, exist_ok=True)
+            soundfile.write(path, (rng.standard_normal(8000) * 1000).astype(np.int16), 16000)
+    out = tmp_path / "noise"
+    shardify("pack", "--kind", "noise", "--root", root, "--out", out)
+    samples = read_shards(out)
+    assert sorted(s["meta"]["category"] for s in samples) == ["music"] * 2 + ["noise"] * 2 + ["speech"] * 2
+    assert "noise/src/noise-0000_v1" in {s["key"] for s in samples}
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def _write_list(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_list_line_with_wrong_field_count_names_file_and_line(shardify, corpus, tmp_path):
+    lines = Path(corpus.train_list).read_text().splitlines()
+    bad = _write_list(tmp_path / "list.txt", lines[:3] + ["id00001 a/b.wav extra"] + lines[3:])
+    result = shardify("pack", "--list", bad, "--root", corpus.root, "--out", tmp_path / "o", check=False)
+    assert result.returncode == 2
+    assert f"{bad}:4" in result.stderr and "2 fields" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_list_is_an_error(shardify, corpus, tmp_path):
+    empty = _write_list(tmp_path / "empty.txt", ["# nothing here"])
+    result = shardify("pack", "--list", empty, "--root", corpus.root, "--out", tmp_path / "o", check=False)
+    assert result.returncode == 2 and "empty" in result.stderr
+
+
+def test_duplicate_lines_are_an_error(shardify, corpus, tmp_path):
+    lines = Path(corpus.train_list).read_text().splitlines()
+    dup = _write_list(tmp_path / "dup.txt", lines + [lines[0]])
+    result = shardify("pack", "--list", dup, "--root", corpus.root, "--out", tmp_path / "o", check=False)
+    assert result.returncode == 2 and "more than once" in result.stderr and f"{dup}:1" in result.stderr
+
+
+def test_missing_files_are_counted_and_listed_or_skipped_with_skip_bad(shardify, corpus, tmp_path):
+    lines = Path(corpus.train_list).read_text().splitlines()
+    missing = [f"id99999 id99999/nope/{i:05d}.wav" for i in range(12)]
+    listed = _write_list(tmp_path / "list.txt", lines + missing)
+    result = shardify("pack", "--list", listed, "--root", corpus.root, "--out", tmp_path / "o", check=False)
+    assert result.returncode == 2
+    assert "12 of" in result.stderr and "--skip-bad" in result.stderr and "and 2 more" in result.stderr
+    assert not list((tmp_path / "o").glob("*.tar")) if (tmp_path / "o").exists() else True
+
+    ok = shardify("pack", "--list", listed, "--root", corpus.root, "--out", tmp_path / "o", "--skip-bad")
+    assert "skipped" in ok.stderr
+    index = load_index(tmp_path / "o")
+    assert index["totals"]["skipped"] == 12 and index["totals"]["samples"] == len(lines)
+    assert {s["src"] for s in index["skipped"]} == {m.split()[1] for m in missing}
+
+
+def test_undecodable_file_fails_keeping_finished_shards_then_skip_bad_resumes(shardify, corpus, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(corpus.root, root)
+    lines = Path(corpus.train_list).read_text().splitlines()
+    broken = lines[5].split()[1]
+    (root / broken).write_bytes(b"RIFF not really a wav file")
+    result = shardify("pack", "--list", corpus.train_list, "--root", root, "--out", tmp_path / "o",
+                      "--max-utts", 6, "--chunk-size", 2, check=False)
+    assert result.returncode == 2
+    assert "1 audio file(s) cannot be decoded" in result.stderr and broken in result.stderr
+    assert "finished shard(s) are kept" in result.stderr
+    kept = len(list((tmp_path / "o").glob("*.tar")))
+    assert kept > 0 and not (tmp_path / "o" / "index.json").exists()
+
+    shardify("pack", "--list", corpus.train_list, "--root", root, "--out", tmp_path / "o",
+             "--max-utts", 6, "--chunk-size", 2, "--skip-bad")
+    index = load_index(tmp_path / "o")
+    assert [s["src"] for s in index["skipped"]] == [broken]
+    assert index["totals"]["samples"] == len(lines) - 1
+
+
+def test_output_directory_of_another_configuration_is_refused(shardify, corpus, tmp_path):
+    pack_train(shardify, corpus, tmp_path / "o", "--max-utts", 16, "--chunk-size", 4)
+    result = pack_train(shardify, corpus, tmp_path / "o", "--max-utts", 16, "--chunk-size", 2, check=False)
+    assert result.returncode == 2
+    assert "different configuration" in result.stderr and "chunk_size: 4 there, 2 now" in result.stderr
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "x.tar").write_bytes(b"")
+    result = pack_train(shardify, corpus, foreign, check=False)
+    assert result.returncode == 2 and "did not plan" in result.stderr
+
+
+def test_wrong_sample_rate_is_an_error_unless_resample(shardify, tmp_path):
+    root = tmp_path / "root"
+    (root / "spk1" / "v").mkdir(parents=True)
+    tone = (np.sin(np.arange(8000 * 2) * 0.05) * 8000).astype(np.int16)
+    soundfile.write(root / "spk1" / "v" / "a.wav", tone, 8000)
+    listed = _write_list(tmp_path / "list.txt", ["spk1 spk1/v/a.wav"])
+    result = shardify("pack", "--list", listed, "--root", root, "--out", tmp_path / "o", check=False)
+    assert result.returncode == 2
+    assert "spk1/v/a.wav: sample rate 8000 Hz, expected 16000 Hz; pass --resample" in result.stderr
+    shardify("pack", "--list", listed, "--root", root, "--out", tmp_path / "r", "--resample")
+    (sample,) = read_shards(tmp_path / "r")
+    assert sample["meta"]["samples"] == 2 * len(tone)
+
+
+def test_stereo_is_an_error_unless_downmix(shardify, tmp_path):
+    root = tmp_path / "root"
+    (root / "spk1" / "v").mkdir(parents=True)
+    stereo = np.stack([np.full(16000, 1000, np.int16), np.full(16000, 3000, np.int16)], axis=1)
+    soundfile.write(root / "spk1" / "v" / "a.flac", stereo, 16000)
+    listed = _write_list(tmp_path / "list.txt", ["spk1 spk1/v/a.flac"])
+    result = shardify("pack", "--list", listed, "--root", root, "--out", tmp_path / "o", check=False)
+    assert result.returncode == 2 and "2 channels" in result.stderr and "--downmix" in result.stderr
+    shardify("pack", "--list", listed, "--root", root, "--out", tmp_path / "d", "--downmix")
+    (sample,) = read_shards(tmp_path / "d")
+    assert (sample["audio"] == 2000).all()
+
+
+# ---------------------------------------------------------------------------------------------- m4a (AAC)
+
+def _write_m4a(path: Path, samples: np.ndarray, rate: int = 16000) -> None:
+    av = pytest.importorskip("av", reason="PyAV (the m4a extra) is not installed")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(samples[None, :], format="s16", layout="mono")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+def test_m4a_is_decoded_with_pyav(shardify, tmp_path):
+    t = np.arange(16000 * 2) / 16000
+    tone = (np.sin(2 * np.pi * 440 * t) * 10000).astype(np.int16)
+    _write_m4a(tmp_path / "root" / "id1" / "v" / "00001.m4a", tone)
+    listed = _write_list(tmp_path / "list.txt", ["id1 id1/v/00001.m4a"])
+    shardify("pack", "--list", listed, "--root", tmp_path / "root", "--out", tmp_path / "o", "--encoding", "wav")
+    (sample,) = read_shards(tmp_path / "o")
+    assert sample["key"] == "id1/v/00001"
+    assert abs(len(sample["audio"]) - len(tone)) <= 2048  # AAC pads to whole 1024-sample frames
+    decoded = read_audio(tmp_path / "root" / "id1" / "v" / "00001.m4a")
+    np.testing.assert_array_equal(sample["audio"], decoded)
+    # lossy, but a 440 Hz tone stays a 440 Hz tone
+    spectrum = np.abs(np.fft.rfft(decoded[4000:20000].astype(float)))
+    assert abs(np.argmax(spectrum) * 16000 / 16000 - 440) <= 2
+
+
+def test_missing_m4a_decoder_says_how_to_install_one(tmp_path):
+    (tmp_path / "id1" / "v").mkdir(parents=True)
+    (tmp_path / "id1" / "v" / "00001.m4a").write_bytes(b"\0" * 64)
+    _write_list(tmp_path / "list.txt", ["id1 id1/v/00001.m4a"])
+    # A real interpreter in which PyAV cannot be imported and no ffmpeg is on PATH.
+    code = ("import sys; sys.modules['av'] = None; from shardify.__main__ import main; "
+            f"sys.exit(main(['pack', '--list', {str(tmp_path / 'list.txt')!r}, '--root', {str(tmp_path)!r}, "
+            f"'--out', {str(tmp_path / 'o')!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PATH": os.path.dirname(sys.executable), "COLUMNS": "200"})
+    assert result.returncode == 2, result.stderr
+    assert "id1/v/00001.m4a" in result.stderr and "speakerid-toolkit[m4a]" in result.stderr
+    assert "Nothing was written" in result.stderr and not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------- small parts
+
+def test_utterance_keys_follow_webdataset_splitting():
+    assert utterance_key("id00012/21Uxsk56VDQ/00001.wav") == "id00012/21Uxsk56VDQ/00001"
+    assert utterance_key("./a.b/c.d.flac") == "a.b/c_d"  # webdataset would cut the key at "c."
+
+
+def test_shard_size_targets_bytes(shardify, corpus, tmp_path):
+    out = tmp_path / "o"
+    pack_train(shardify, corpus, out, "--shard-size", "400kB", "--chunk-size", 2, "--encoding", "wav")
+    sizes = [s["bytes"] for s in load_index(out)["shards"]]
+    assert len(sizes) > 3
+    assert max(sizes) < 400_000 * 1.05  # estimates are input file sizes; tar headers add ~1 kB an utterance
+    assert np.mean(sizes[:-1]) > 400_000 * 0.6
