@@ -98,7 +98,7 @@ def test_shards_and_index_do_not_depend_on_workers_or_reruns(shardify, corpus, t
 
 def _start_pack(corpus, out, *extra) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "shardify", "pack", "--list", str(corpus.train_list), "--root", str(corpus.root),
-           "--out", str(out), "--max-utts", "1", "--chunk-size", "1", *extra]
+           "--out", str(out), "--max-utts", "1", "--chunk-size", "1", *map(str, extra)]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -130,11 +130,12 @@ def test_resume_after_a_killed_run_gives_the_same_index(shardify, corpus, tmp_pa
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
 
 
-def test_ctrl_c_leaves_nothing_verify_would_accept(shardify, corpus, tmp_path):
+@pytest.mark.parametrize("sig, workers", [(signal.SIGINT, 1), (signal.SIGTERM, 2)])
+def test_ctrl_c_or_sigterm_leaves_nothing_verify_would_accept(shardify, corpus, tmp_path, sig, workers):
     out = tmp_path / "interrupted"
-    process = _start_pack(corpus, out, "--encoding", "flac")
+    process = _start_pack(corpus, out, "--encoding", "flac", "--workers", workers)
     _wait_for_shards(out, 2, process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "re-run the same command to resume" in stderr
@@ -142,6 +143,7 @@ def test_ctrl_c_leaves_nothing_verify_would_accept(shardify, corpus, tmp_path):
     assert result.returncode == 2
     assert "packing has not finished" in result.stderr
     assert not list(out.glob(".*.tmp-*"))
+    assert len(list(out.glob("*.tar"))) < 72, "the run stopped early"
 
 
 def test_parts_then_merge_equal_a_single_run(shardify, corpus, tmp_path):

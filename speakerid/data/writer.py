@@ -13,7 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -30,6 +33,28 @@ from speakerid.data.plan import Item, PackConfig, PackPlan
 from speakerid.errors import SpeakeridError
 
 Progress = Callable[[int, int], None]  # (utterances, input bytes) just finished
+
+# SIGINT/SIGTERM set this flag and the writers stop at the next utterance. A KeyboardInterrupt raised by
+# the default handler can land inside soundfile's cffi callbacks, where cffi swallows it and packing goes on.
+_stop = threading.Event()
+
+
+def _request_stop(signum, frame) -> None:
+    _stop.set()
+
+
+@contextmanager
+def _stop_on_signals():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _stop.clear()
+    previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class _HashingWriter:
@@ -92,6 +117,8 @@ def write_shard(job: ShardJob, progress: Progress | None = None) -> ShardResult:
             out = _HashingWriter(f)
             with wds.TarWriter(out, user="speakerid", group="speakerid", mode=0o444, mtime=0) as tar:
                 for item in job.items:
+                    if _stop.is_set():
+                        raise KeyboardInterrupt
                     path = job.root / item.src
                     try:
                         audio = read_audio(path, config.sample_rate, resample=config.resample, downmix=config.downmix)
@@ -144,6 +171,9 @@ _queue = None
 def _init_worker(queue) -> None:
     global _queue
     _queue = queue
+    _stop.clear()
+    signal.signal(signal.SIGINT, _request_stop)
+    signal.signal(signal.SIGTERM, _request_stop)
 
 
 def _write_in_worker(job: ShardJob) -> ShardResult:
@@ -195,7 +225,10 @@ def pack(plan: PackPlan, root: str | Path, out_dir: str | Path, *, workers: int 
     listener.started(plan, sum(len(j.items) for j in jobs), len(resumed))
 
     start = time.perf_counter()
-    results = _run_jobs(jobs, workers, listener)
+    with _stop_on_signals():
+        results = _run_jobs(jobs, workers, listener)
+        if _stop.is_set():
+            raise KeyboardInterrupt
     seconds = time.perf_counter() - start
 
     bad = [b for r in results for b in r.bad]
@@ -221,6 +254,8 @@ def _run_jobs(jobs: list[ShardJob], workers: int, listener: PackListener) -> lis
     results: list[ShardResult] = []
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
+            if _stop.is_set():
+                break
             results.append(write_shard(job, listener.advance))
             listener.shard_done(results[-1])
         return results
@@ -231,6 +266,8 @@ def _run_jobs(jobs: list[ShardJob], workers: int, listener: PackListener) -> lis
         try:
             pending = set(futures)
             while pending:
+                if _stop.is_set():
+                    raise KeyboardInterrupt
                 done, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
                 _drain(queue, listener)
                 for future in done:
