@@ -5,6 +5,8 @@
     python -m shardify pack --kind noise --root musan_split --out MUSAN_SHARDS
     python -m shardify verify SHARD_DIR [--decode]
     python -m shardify merge SHARD_DIR          (after `pack --part i --parts n` array tasks)
+    python -m shardify read SHARD_DIR_OR_URL --batch-size 200 --nPerSpeaker 2 --workers 8
+                                                (one epoch of training batches: speed, coverage, faults)
 
 Parsing and printing only: the work is done by speakerid.data.
 """
@@ -83,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="write index.json once every part of a --parts run has finished")
     m.add_argument("shard_dir")
+
+    r = sub.add_parser("read", help="read training batches for an epoch: crops/s, coverage, faults")
+    r.add_argument("shards", help="shard directory, its index.json, or an http(s) URL of either")
+    r.add_argument("--urls", help="shard URLs instead of the index's neighbours (brace pattern, pipe:, http)")
+    r.add_argument("--batch-size", "--n-speakers", dest="n_speakers", type=int, default=200, help="N speakers a batch")
+    r.add_argument("--nPerSpeaker", "--utts-per-speaker", dest="utts_per_speaker", type=int, default=2, help="M")
+    r.add_argument("--max-frames", type=int, default=200, help="crop = max_frames·160 + 240 samples")
+    r.add_argument("--max-seg-per-spk", type=int, default=500)
+    r.add_argument("--open-shards", type=int, default=4)
+    r.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    r.add_argument("--world-size", type=int, default=1, help="read as rank --rank of this many")
+    r.add_argument("--rank", type=int, default=0)
+    r.add_argument("--epochs", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -198,10 +214,46 @@ def run_merge(args) -> int:
     return 0
 
 
+def run_read(args) -> int:
+    import time
+
+    from speakerid.data.batches import BatchConfig, EpochMeter, train_loader, usable_utterances
+    from speakerid.data.shardset import ShardSet
+
+    shards = ShardSet.open(args.shards, urls=args.urls)
+    config = BatchConfig(n_speakers=args.n_speakers, utts_per_speaker=args.utts_per_speaker,
+                         max_frames=args.max_frames, max_seg_per_spk=args.max_seg_per_spk,
+                         open_shards=args.open_shards, seed=args.seed)
+    loader = train_loader(shards, config, rank=args.rank, world_size=args.world_size, workers=args.workers)
+    per_epoch = loader.dataset.batches_per_epoch
+    total = max(1, int(per_epoch * args.epochs))
+    meter = EpochMeter(usable_utterances(shards.index, config, args.world_size * max(1, args.workers)) // args.world_size)
+    start = time.perf_counter()
+    with Progress(TextColumn("[bold]reading"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task("read", total=total)
+        for i, batch in enumerate(loader):
+            meter.update(batch)
+            progress.advance(task)
+            if i + 1 == total:
+                break
+    seconds = time.perf_counter() - start
+    report = meter.report()
+    table = Table(show_header=False, title=f"shardify read: N={config.n_speakers} × M={config.utts_per_speaker}, "
+                                           f"{config.crop_samples} samples, {args.workers} worker(s), rank {args.rank} of {args.world_size}")
+    for row in (("batches per epoch (every rank)", f"{per_epoch}"), ("batches read", f"{total}"),
+                ("crops/s (start-up included)", f"{report['crops'] / seconds:.0f}"),
+                ("coverage of this rank's usable utterances", f"{report['coverage']:.1%}"),
+                ("corrupt members / damaged shards skipped", f"{report['corrupt_members']} / {report['damaged_shards']}")):
+        table.add_row(*row)
+    console.print(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"pack": run_pack, "verify": run_verify, "merge": run_merge}[args.command](args)
+        return {"pack": run_pack, "verify": run_verify, "merge": run_merge, "read": run_read}[args.command](args)
     except SpeakeridError as error:
         console.print(f"[red]error:[/] {escape(str(error))}", highlight=False)
         return 2

@@ -172,3 +172,60 @@ def decode(data: bytes) -> tuple[np.ndarray, int]:
     """The bytes of a shard member (wav or flac) → (int16 samples, sample rate)."""
     samples, rate = soundfile.read(io.BytesIO(data), dtype="int16")
     return samples, rate
+
+
+# ------------------------------------------------------------------------------------------------ crops
+# A training crop is L = max_frames·160 + 240 samples. As in voxceleb_trainer, a file shorter than L is
+# first wrap-padded to L + 1 samples, and the crop starts at int(u · (len − L)) for u uniform in [0, 1).
+
+
+def crop_start(n_samples: int, crop_samples: int, u: float) -> int:
+    """The seeds' crop start for a file of ``n_samples`` (after wrap-padding) and a uniform draw ``u``."""
+    padded = max(n_samples, crop_samples + 1)
+    return int(u * (padded - crop_samples))
+
+
+def wrap_pad(samples: np.ndarray, crop_samples: int) -> np.ndarray:
+    if len(samples) > crop_samples:
+        return samples
+    return np.pad(samples, (0, crop_samples + 1 - len(samples)), mode="wrap")
+
+
+def wav_pcm(data: bytes | memoryview) -> memoryview:
+    """The 16-bit PCM payload of a RIFF/WAVE member as an int16 view, without copying or decoding."""
+    view = memoryview(data)
+    if bytes(view[0:4]) != b"RIFF" or bytes(view[8:12]) != b"WAVE":
+        raise ValueError("not a RIFF/WAVE member")
+    position = 12
+    while position + 8 <= len(view):
+        chunk, size = bytes(view[position:position + 4]), int.from_bytes(view[position + 4:position + 8], "little")
+        position += 8
+        if chunk == b"fmt ":
+            audio_format, _, _, _, _, bits = np.frombuffer(view[position:position + 16], dtype="<u2", count=8)[[0, 1, 2, 3, 6, 7]]
+            if audio_format != 1 or bits != 16:
+                raise ValueError("wav member is not 16-bit PCM")
+        elif chunk == b"data":
+            end = min(position + size, len(view))
+            end -= (end - position) % 2
+            return view[position:end].cast("h") if np.little_endian else np.frombuffer(view[position:end], "<i2")
+        position += size + (size & 1)
+    raise ValueError("wav member has no data chunk")
+
+
+def read_crop(data: bytes, encoding: str, n_samples: int, crop_samples: int, u: float) -> np.ndarray:
+    """Decode only the crop of a shard member: wav slices the PCM, flac seeks. Returns int16 (crop_samples,)."""
+    start = crop_start(n_samples, crop_samples, u)
+    if n_samples <= crop_samples:  # short file: decode it whole, wrap-pad, then crop
+        whole = np.asarray(wav_pcm(data)) if encoding == "wav" else decode(data)[0]
+        return wrap_pad(whole, crop_samples)[start:start + crop_samples].copy()
+    if encoding == "wav":
+        pcm = wav_pcm(data)
+        if len(pcm) < start + crop_samples:
+            raise ValueError(f"wav member holds {len(pcm)} samples, its json says {n_samples}")
+        return np.array(pcm[start:start + crop_samples], dtype=np.int16)
+    with soundfile.SoundFile(io.BytesIO(data)) as f:
+        f.seek(start)
+        crop = f.read(crop_samples, dtype="int16")
+    if len(crop) != crop_samples:
+        raise ValueError(f"flac member decodes to fewer samples than its json says ({n_samples})")
+    return crop

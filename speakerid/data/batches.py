@@ -1,0 +1,440 @@
+"""Training batches of N distinct speakers × M utterances, streamed from shards.
+
+Every (rank, DataLoader worker) pair is one *stream*. A stream owns a fixed share of the shards (balanced
+by utterance count) and walks it pass after pass, without end:
+
+    shards of the pass (seeded order) → interleave K open shards → parse members → per-speaker quota
+    (max_seg_per_spk) → M-tuples per speaker → pool → batches of N distinct speakers → crops (decoded last)
+
+Tuples still in the pool when a pass ends stay there and are drawn first in the next pass, so nothing is
+lost at pass ends; an utterance is used at most once per pass. An epoch is a fixed number of batches per
+rank, computed from the index (usable tuples ÷ (N × world size)), so every rank yields the same count
+whatever the shard sizes. Everything random is drawn from generators seeded by (seed, stream, pass), and
+the audio is decoded only when a batch is emitted, so the stream is a pure function of (seed, rank,
+world size, workers, batch index) and skipping to batch k reads the skipped shards without decoding them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict, deque
+from dataclasses import dataclass, field, fields
+from typing import Iterator
+
+import numpy as np
+import torch
+from webdataset import tariterators
+
+import webdataset as wds
+from speakerid.audio import read_crop, wav_pcm
+from speakerid.data.index import split_member
+from speakerid.data.shardset import ShardSet, assign_streams
+from speakerid.errors import SpeakeridError
+
+log = logging.getLogger("speakerid.data")
+
+# voxceleb_trainer's option names, accepted wherever a BatchConfig is built from a dict.
+ALIASES = {"batch_size": "n_speakers", "nPerSpeaker": "utts_per_speaker", "nDataLoaderThread": "workers"}
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    n_speakers: int = 200  # N (the seeds' batch_size)
+    utts_per_speaker: int = 2  # M (nPerSpeaker)
+    max_frames: int = 200  # crop = max_frames · 160 + 240 samples
+    max_seg_per_spk: int = 500  # a speaker's utterances used per pass, at most
+    open_shards: int = 4  # shards a stream reads at once, interleaved, to mix speakers
+    pool_factor: float = 2.0  # draw a batch once the pool holds pool_factor × N tuples
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_speakers", "utts_per_speaker", "max_frames", "max_seg_per_spk", "open_shards"):
+            if getattr(self, name) < 1:
+                raise SpeakeridError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.pool_factor < 1:
+            raise SpeakeridError(f"pool_factor must be at least 1, got {self.pool_factor}")
+        if self.max_seg_per_spk < self.utts_per_speaker:
+            raise SpeakeridError(f"max_seg_per_spk {self.max_seg_per_spk} < utts_per_speaker {self.utts_per_speaker}")
+
+    @property
+    def crop_samples(self) -> int:
+        return self.max_frames * 160 + 240
+
+    @classmethod
+    def from_dict(cls, options: dict) -> "BatchConfig":
+        """Build from a dict using either speakerid's or voxceleb_trainer's names."""
+        valid = {f.name for f in fields(cls)}
+        resolved = {}
+        for key, value in options.items():
+            name = ALIASES.get(key, key)
+            if name not in valid:
+                raise SpeakeridError(f"unknown batch option {key!r}; valid: {', '.join(sorted(valid | set(ALIASES)))}")
+            resolved[name] = value
+        return cls(**resolved)
+
+
+# -------------------------------------------------------------------------------------- planning from the index
+
+
+@dataclass
+class StreamPlan:
+    """What the index says one stream will see in a pass."""
+
+    shards: list[int]
+    quota: dict[int, int]  # label → utterances usable per pass (max_seg_per_spk, split over streams)
+    usable_tuples: int
+    speakers: int  # labels with at least one usable tuple
+
+
+def plan_streams(index: dict, config: BatchConfig, n_streams: int) -> list[StreamPlan]:
+    if index["kind"] != "train":
+        raise SpeakeridError(f"training batches need a training shard set, this one is of kind {index['kind']!r}")
+    shards = index["shards"]
+    if any("labels" not in s for s in shards):
+        raise SpeakeridError("the shard index has no per-shard label counts (an early shardify wrote it): re-pack the shards")
+    assignment = assign_streams([s["samples"] for s in shards], n_streams)
+    total: dict[int, int] = defaultdict(int)
+    for s in shards:
+        for label, n in s["labels"].items():
+            total[int(label)] += n
+    plans = []
+    m = config.utts_per_speaker
+    for share in assignment:
+        counts: dict[int, int] = defaultdict(int)
+        for i in share:
+            for label, n in shards[i]["labels"].items():
+                counts[int(label)] += n
+        # A speaker's cap is split over streams in proportion to what each holds, so a pass over all
+        # streams uses at most max_seg_per_spk of its utterances, as the seed's sampler does per epoch.
+        quota = {label: min(n, config.max_seg_per_spk * n // total[label]) for label, n in counts.items()}
+        tuples = {label: q // m for label, q in quota.items()}
+        plans.append(StreamPlan(share, quota, sum(tuples.values()), sum(1 for t in tuples.values() if t)))
+    return plans
+
+
+def batches_per_epoch(index: dict, config: BatchConfig, world_size: int, workers: int = 1) -> int:
+    """The same number on every rank: usable tuples of all streams ÷ (N × world size)."""
+    plans = plan_streams(index, config, world_size * max(1, workers))
+    return sum(p.usable_tuples for p in plans) // (config.n_speakers * world_size)
+
+
+def usable_utterances(index: dict, config: BatchConfig, n_streams: int) -> int:
+    """Utterances that can appear in a pass (the denominator of the per-epoch coverage)."""
+    m = config.utts_per_speaker
+    return sum((q // m) * m for p in plan_streams(index, config, n_streams) for q in p.quota.values())
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+@dataclass
+class Faults:
+    """Damaged input met by a stream, skipped and counted (never a crash, never a silent loss)."""
+
+    corrupt_members: int = 0
+    damaged_shards: int = 0
+
+    def as_dict(self) -> dict:
+        return {"corrupt_members": self.corrupt_members, "damaged_shards": self.damaged_shards}
+
+
+@dataclass
+class Utterance:
+    key: str
+    label: int
+    samples: int
+    u: float  # the crop position draw, made when the utterance is read
+    payload: object  # wav: the int16 crop, cut at once; flac: the member bytes, decoded at emission
+    pass_number: int
+
+
+def read_shard(url: str, faults: Faults) -> Iterator[dict]:
+    """One shard's samples as {key, json, audio bytes, ext}; a damaged tail or member is counted and skipped."""
+    try:
+        stream = wds.gopen(url)
+    except Exception as error:
+        raise SpeakeridError(f"{url}: cannot open this shard: {error}") from error
+
+    def member_fault(error: Exception) -> bool:
+        faults.corrupt_members += 1
+        log.warning("%s: skipping a damaged member: %s", url, error)
+        return True
+
+    try:
+        files = tariterators.tar_file_iterator(stream, handler=member_fault)
+        sample: dict = {}
+        for f in files:
+            key, ext = split_member(f["fname"])
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample["__key__"] = key
+            sample[ext] = f["data"]
+        if sample:
+            yield sample
+    except Exception as error:  # a truncated or garbled tar ends this shard early
+        faults.damaged_shards += 1
+        log.warning("%s: shard damaged, rest of it skipped: %s", url, error)
+    finally:
+        try:
+            stream.close()
+        except Exception as error:  # e.g. a pipe: command that exited non-zero
+            faults.damaged_shards += 1
+            log.warning("%s: %s", url, error)
+
+
+def interleave(urls: list[str], open_shards: int, rng: np.random.Generator, faults: Faults) -> Iterator[dict]:
+    """Read up to ``open_shards`` shards at once, taking each next sample from a random open one."""
+    pending = deque(urls)
+    readers = []
+    while pending or readers:
+        while pending and len(readers) < open_shards:
+            readers.append(read_shard(pending.popleft(), faults))
+        i = int(rng.integers(len(readers)))
+        try:
+            yield next(readers[i])
+        except StopIteration:
+            readers.pop(i)
+
+
+def parse(samples: Iterator[dict], encoding: str, crop_samples: int, rng: np.random.Generator,
+          pass_number: int, faults: Faults) -> Iterator[Utterance]:
+    """Member bytes → Utterance; a wav crop is cut here (a slice, no decoding), flac waits for emission."""
+    import json
+
+    for sample in samples:
+        try:
+            meta = json.loads(sample["json"])
+            data = sample[encoding]
+            n, label = int(meta["samples"]), int(meta["label"])
+            u = float(rng.random())
+            if encoding == "wav":
+                wav_pcm(data)  # a member that is not 16-bit PCM fails here, before it takes a pool place
+                payload = read_crop(data, "wav", n, crop_samples, u)
+            else:
+                payload = data
+        except (KeyError, ValueError, TypeError) as error:
+            faults.corrupt_members += 1
+            log.warning("%s: skipping a damaged sample: %r", sample.get("__key__"), error)
+            continue
+        yield Utterance(sample["__key__"], label, n, u, payload, pass_number)
+
+
+def apply_quota(utterances: Iterator[Utterance], quota: dict[int, int]) -> Iterator[Utterance]:
+    """At most ``quota[label]`` utterances of a speaker per pass (max_seg_per_spk)."""
+    used: dict[int, int] = defaultdict(int)
+    for utt in utterances:
+        if used[utt.label] < quota.get(utt.label, 0):
+            used[utt.label] += 1
+            yield utt
+
+
+def group_tuples(utterances: Iterator[Utterance], m: int) -> Iterator[list[Utterance]]:
+    """Consecutive utterances of a speaker → M-tuples. Fewer than M left at the pass end are not usable."""
+    partial: dict[int, list[Utterance]] = defaultdict(list)
+    for utt in utterances:
+        group = partial[utt.label]
+        group.append(utt)
+        if len(group) == m:
+            yield list(group)
+            group.clear()
+
+
+class Pool:
+    """Speaker tuples waiting for a batch, by label; older passes' tuples are drawn first."""
+
+    def __init__(self) -> None:
+        self.tuples: dict[int, deque] = {}
+        self.size = 0
+
+    def add(self, t: list[Utterance]) -> None:
+        self.tuples.setdefault(t[0].label, deque()).append(t)
+        self.size += 1
+
+    @property
+    def speakers(self) -> int:
+        return len(self.tuples)
+
+    def draw_order(self, rng: np.random.Generator, current_pass: int) -> list[int]:
+        """Labels in the order to try them: carried-over speakers first, each tier weighted by tuple count."""
+        labels = np.fromiter(self.tuples, dtype=np.int64, count=len(self.tuples))
+        counts = np.array([len(self.tuples[x]) for x in labels], dtype=np.float64)
+        carried = np.array([self.tuples[x][0][0].pass_number < current_pass for x in labels])
+        order = []
+        for tier in (carried, ~carried):
+            if tier.any():
+                p = counts[tier] / counts[tier].sum()
+                order.extend(rng.choice(labels[tier], size=int(tier.sum()), replace=False, p=p).tolist())
+        return order
+
+    def pop(self, label: int) -> list[Utterance]:
+        queue = self.tuples[label]
+        t = queue.popleft()
+        if not queue:
+            del self.tuples[label]
+        self.size -= 1
+        return t
+
+
+# -------------------------------------------------------------------------------------------------- stream
+
+
+@dataclass
+class TrainStream:
+    """The endless batch stream of one (rank, worker)."""
+
+    shards: ShardSet
+    config: BatchConfig
+    stream: int
+    n_streams: int
+    faults: Faults = field(default_factory=Faults)
+
+    def __post_init__(self) -> None:
+        self.plan = plan_streams(self.shards.index, self.config, self.n_streams)[self.stream]
+        if self.plan.speakers < self.config.n_speakers:
+            raise SpeakeridError(
+                f"reader stream {self.stream} of {self.n_streams} holds {self.plan.speakers} speakers with at least "
+                f"{self.config.utts_per_speaker} utterances, but a batch needs {self.config.n_speakers} distinct "
+                "speakers: lower n_speakers (batch_size), use fewer ranks × workers, or re-pack into more shards"
+            )
+
+    def batches(self, skip: int = 0) -> Iterator[dict]:
+        """Batches of this stream, the first ``skip`` drawn without decoding and not yielded."""
+        config = self.config
+        pool = Pool()
+        emitted = 0
+        for pass_number in range(2**62):
+            rng = np.random.default_rng([config.seed, self.stream, self.n_streams, pass_number])
+            order = rng.permutation(self.plan.shards)
+            urls = [self.shards.urls[i] for i in order]
+            samples = interleave(urls, config.open_shards, rng, self.faults)
+            utterances = apply_quota(parse(samples, self.shards.encoding, config.crop_samples, rng, pass_number,
+                                           self.faults), self.plan.quota)
+            target = config.pool_factor * config.n_speakers
+            for t in group_tuples(utterances, config.utts_per_speaker):
+                pool.add(t)
+                while pool.size >= target and pool.speakers >= config.n_speakers:
+                    batch = self._draw(pool, rng, pass_number, decode=emitted >= skip)
+                    if batch is None:
+                        break
+                    if emitted >= skip:
+                        yield batch
+                    emitted += 1
+            while pool.speakers >= config.n_speakers:  # the pass is over: draw what it allows, carry the rest
+                batch = self._draw(pool, rng, pass_number, decode=emitted >= skip)
+                if batch is None:
+                    break
+                if emitted >= skip:
+                    yield batch
+                emitted += 1
+
+    def _draw(self, pool: Pool, rng: np.random.Generator, pass_number: int, decode: bool) -> dict | None:
+        n, m, length = self.config.n_speakers, self.config.utts_per_speaker, self.config.crop_samples
+        chosen: list[list[Utterance]] = []
+        crops = np.empty((n, m, length), dtype=np.int16) if decode else None
+        for label in pool.draw_order(rng, pass_number):
+            t = pool.pop(label)
+            if decode:
+                try:
+                    for j, utt in enumerate(t):
+                        crops[len(chosen), j] = (utt.payload if isinstance(utt.payload, np.ndarray) else
+                                                 read_crop(utt.payload, "flac", utt.samples, length, utt.u))
+                except (ValueError, RuntimeError) as error:  # a member that does not decode: drop the tuple
+                    self.faults.corrupt_members += 1
+                    log.warning("%s: skipping an undecodable member: %s", t[0].key, error)
+                    continue
+            chosen.append(t)
+            if len(chosen) == n:
+                break
+        if len(chosen) < n:  # undecodable members left too few speakers: put the good tuples back
+            for t in chosen:
+                pool.tuples.setdefault(t[0].label, deque()).appendleft(t)
+                pool.size += 1
+            return None
+        return {
+            "audio": torch.from_numpy(crops) if decode else None,
+            "labels": torch.tensor([t[0].label for t in chosen], dtype=torch.long),
+            "keys": [[u.key for u in t] for t in chosen],
+            "tuple_passes": [t[0].pass_number for t in chosen],  # the pass each tuple was read in
+            "stream": self.stream,
+            "pass": pass_number,
+            "faults": self.faults.as_dict(),
+        }
+
+
+# ---------------------------------------------------------------------------------------------- DataLoader
+
+
+class TrainBatches(torch.utils.data.IterableDataset):
+    """One rank's endless batch stream, split over its DataLoader workers; starts at rank batch ``start_batch``.
+
+    Rank batch k comes from worker k % W (its (k // W)-th batch): DataLoader workers are rotated by
+    ``start_batch`` so a resumed loader's first fetch is exactly batch ``start_batch``.
+    """
+
+    def __init__(self, shards: ShardSet, config: BatchConfig, *, rank: int = 0, world_size: int = 1,
+                 workers: int = 0, start_batch: int = 0) -> None:
+        super().__init__()
+        self.shards, self.config = shards, config
+        self.rank, self.world_size, self.workers, self.start_batch = rank, world_size, workers, start_batch
+        self.n_streams = world_size * max(1, workers)
+        for stream in range(rank * max(1, workers), (rank + 1) * max(1, workers)):
+            TrainStream(shards, config, stream, self.n_streams)  # fail at start-up, not inside a worker
+        self.batches_per_epoch = batches_per_epoch(shards.index, config, world_size, workers)
+        if self.batches_per_epoch < 1:
+            raise SpeakeridError(
+                f"the shards hold too few usable speaker tuples for one batch of {config.n_speakers} speakers per rank "
+                f"on {world_size} rank(s); lower n_speakers"
+            )
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        n_workers = info.num_workers if info else 1
+        if n_workers != max(1, self.workers):
+            raise SpeakeridError(f"TrainBatches was built for {self.workers} workers, the DataLoader has {n_workers}")
+        worker = ((info.id if info else 0) + self.start_batch) % n_workers
+        skip = max(0, math.ceil((self.start_batch - worker) / n_workers))
+        stream = TrainStream(self.shards, self.config, self.rank * n_workers + worker, self.n_streams)
+        yield from stream.batches(skip)
+
+
+def train_loader(shards: ShardSet, config: BatchConfig, *, rank: int = 0, world_size: int = 1, workers: int = 0,
+                 start_batch: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over whole batches assembled in the workers (batch_size=None: no collation)."""
+    dataset = TrainBatches(shards, config, rank=rank, world_size=world_size, workers=workers, start_batch=start_batch)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
+    )
+
+
+class EpochMeter:
+    """Per-epoch coverage (share of usable utterances seen) and faults, from the batches a rank consumed.
+
+    Faults are cumulative per stream in each batch; the epoch's count is the growth of their sum.
+    """
+
+    def __init__(self, usable: int) -> None:
+        self.usable = usable
+        self.seen: set[str] = set()
+        self.crops = 0
+        self._faults_at: dict[int, dict] = {}
+        self._faults_start: dict[int, dict] = {}
+
+    def update(self, batch: dict) -> None:
+        for t in batch["keys"]:
+            self.seen.update(t)
+            self.crops += len(t)
+        self._faults_at[batch["stream"]] = batch["faults"]
+
+    def report(self) -> dict:
+        faults = {k: sum(f[k] - self._faults_start.get(s, {}).get(k, 0) for s, f in self._faults_at.items())
+                  for k in ("corrupt_members", "damaged_shards")}
+        return {"coverage": len(self.seen) / max(1, self.usable), "utterances_seen": len(self.seen),
+                "usable": self.usable, "crops": self.crops, **faults}
+
+    def next_epoch(self) -> None:
+        self.seen.clear()
+        self.crops = 0
+        self._faults_start = {s: dict(f) for s, f in self._faults_at.items()}

@@ -1,0 +1,161 @@
+"""Evaluation audio: whole utterances (or the seeds' evenly spaced crops), each exactly once across ranks
+and DataLoader workers, in batches of similar length to limit padding.
+
+Sources: eval shards packed by ``shardify pack --kind eval`` (their index lists each shard's keys), or an
+audio tree plus the relative paths to read (from trial lists). Work is split over streams (rank × worker)
+whole shards or whole files at a time, balanced by size, so no utterance is read twice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from speakerid.audio import decode, read_audio, wrap_pad
+from speakerid.data.batches import Faults, read_shard
+from speakerid.data.lists import utterance_key
+from speakerid.data.shardset import ShardSet, assign_streams
+from speakerid.errors import SpeakeridError
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eval_frames: int = 0  # 0: the whole utterance; else crops of eval_frames · 160 + 240 samples
+    num_eval: int = 10  # crops per utterance when eval_frames > 0 (voxceleb_trainer: 10)
+    max_batch_samples: int = 16000 * 240  # padded samples per batch (batch size × longest utterance)
+    sort_buffer: int = 256  # utterances gathered and sorted by length before cutting batches
+
+
+def eval_crops(samples: np.ndarray, eval_frames: int, num_eval: int) -> np.ndarray:
+    """voxceleb_trainer's test crops: wrap-pad to L + 1 if short, starts at linspace(0, len − L, num_eval)."""
+    length = eval_frames * 160 + 240
+    padded = wrap_pad(samples, length)
+    starts = np.linspace(0, len(padded) - length, num=num_eval)
+    return np.stack([padded[int(s):int(s) + length] for s in starts])
+
+
+@dataclass
+class AudioTree:
+    """Utterances read straight from files: ``root / relpath``."""
+
+    root: Path
+    relpaths: list[str]
+    sample_rate: int = 16000
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        missing = [p for p in self.relpaths if not (self.root / p).exists()]
+        if missing:
+            shown = "\n".join(f"  {self.root / p}" for p in missing[:10])
+            raise SpeakeridError(f"{len(missing)} of {len(self.relpaths)} utterances are not under {self.root}:\n{shown}"
+                                 + ("\n  …" if len(missing) > 10 else ""))
+
+
+def _batches_by_length(items: Iterator[tuple[str, np.ndarray]], config: EvalConfig) -> Iterator[dict]:
+    """Sort a buffer of utterances by length, cut batches under the padded-samples budget."""
+
+    def flush(buffer):
+        buffer.sort(key=lambda kv: len(kv[1]))
+        start = 0
+        while start < len(buffer):
+            end = start + 1
+            while end < len(buffer) and (end + 1 - start) * len(buffer[end][1]) <= config.max_batch_samples:
+                end += 1
+            yield _collate(buffer[start:end], config)
+            start = end
+
+    buffer: list[tuple[str, np.ndarray]] = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= config.sort_buffer:
+            yield from flush(buffer)
+            buffer = []
+    if buffer:
+        yield from flush(buffer)
+
+
+def _collate(group: list[tuple[str, np.ndarray]], config: EvalConfig) -> dict:
+    keys = [k for k, _ in group]
+    if config.eval_frames:
+        audio = np.stack([eval_crops(a, config.eval_frames, config.num_eval) for _, a in group])
+        return {"keys": keys, "audio": torch.from_numpy(audio), "lengths": torch.full((len(group),), audio.shape[-1])}
+    lengths = [len(a) for _, a in group]
+    audio = np.zeros((len(group), max(lengths)), dtype=np.int16)
+    for row, (_, a) in enumerate(group):
+        audio[row, :len(a)] = a
+    return {"keys": keys, "audio": torch.from_numpy(audio), "lengths": torch.tensor(lengths)}
+
+
+class EvalUtterances(torch.utils.data.IterableDataset):
+    """Batches ``{"keys", "audio" int16 (B, T) or (B, num_eval, L), "lengths"}`` of one rank's share."""
+
+    def __init__(self, source: ShardSet | AudioTree, config: EvalConfig = EvalConfig(), *, keys: set[str] | None = None,
+                 rank: int = 0, world_size: int = 1, workers: int = 0) -> None:
+        super().__init__()
+        self.source, self.config, self.keys = source, config, keys
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+        if isinstance(source, ShardSet):
+            if source.kind != "eval":
+                raise SpeakeridError(f"{source.location}: evaluation reads eval shards, these are of kind {source.kind!r}")
+            self.weights = [s["samples"] for s in source.index["shards"]]
+        else:
+            self.weights = [max(1, (source.root / p).stat().st_size) for p in source.relpaths]
+        self.n_streams = world_size * max(1, workers)
+        if keys is not None and isinstance(source, ShardSet):
+            present = {k for s in source.index["shards"] for k in s["keys"]}
+            missing = sorted(set(keys) - present)
+            if missing:
+                raise SpeakeridError(
+                    f"{len(missing)} utterance(s) asked for are not in the shards of {source.location}, e.g. "
+                    + ", ".join(missing[:10]) + ": pack them with `shardify pack --kind eval` or fix the trial list"
+                )
+
+    def _share(self, stream: int) -> list[int]:
+        if len(self.weights) < self.n_streams:  # few shards/files: some streams stay idle, none reads twice
+            return list(range(stream, len(self.weights), self.n_streams))
+        return assign_streams(self.weights, self.n_streams)[stream]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        share = self._share(self.rank * n_workers + worker)
+        yield from _batches_by_length(self._utterances(share), self.config)
+
+    def _utterances(self, share: list[int]) -> Iterator[tuple[str, np.ndarray]]:
+        if isinstance(self.source, AudioTree):
+            for i in share:
+                relpath = self.source.relpaths[i]
+                key = utterance_key(relpath)
+                if self.keys is None or key in self.keys:
+                    yield key, read_audio(self.source.root / relpath, self.source.sample_rate)
+            return
+        faults = Faults()
+        encoding = self.source.encoding
+        for i in share:
+            url = self.source.urls[i]
+            for sample in read_shard(url, faults):
+                key = sample["__key__"]
+                if self.keys is not None and key not in self.keys:
+                    continue
+                try:
+                    audio, _ = decode(sample[encoding])
+                    json.loads(sample["json"])
+                except (KeyError, ValueError, RuntimeError) as error:
+                    raise SpeakeridError(f"{url}: member {key} cannot be decoded ({error}); "
+                                         "run `python -m shardify verify` on the eval shards") from error
+                yield key, audio
+            if faults.damaged_shards or faults.corrupt_members:
+                raise SpeakeridError(f"{url}: damaged eval shard ({faults.as_dict()}); evaluation needs every "
+                                     "utterance: run `python -m shardify verify` and re-pack it")
+
+
+def eval_loader(source: ShardSet | AudioTree, config: EvalConfig = EvalConfig(), *, keys: set[str] | None = None,
+                rank: int = 0, world_size: int = 1, workers: int = 0) -> torch.utils.data.DataLoader:
+    dataset = EvalUtterances(source, config, keys=keys, rank=rank, world_size=world_size, workers=workers)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
+

@@ -1,0 +1,258 @@
+"""The N-speaker × M-utterance reader on real shards: invariants, epochs, determinism, skip-ahead, faults."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from speakerid.audio import crop_start, wrap_pad
+from speakerid.data.batches import BatchConfig, TrainStream, batches_per_epoch, train_loader, usable_utterances
+from speakerid.data.lists import read_train_list, utterance_key
+from speakerid.data.plan import PackConfig, make_plan
+from speakerid.data.shardset import ShardSet, assign_streams
+from speakerid.data.writer import pack
+from speakerid.errors import SpeakeridError
+from tests.conftest import REPO
+
+CONFIG = BatchConfig(n_speakers=4, utts_per_speaker=2, max_frames=40, open_shards=2, seed=3)
+
+
+def _pack(corpus, out: Path, encoding: str, **options) -> Path:
+    plan = make_plan(read_train_list(corpus.train_list), corpus.root, PackConfig(encoding=encoding, **options))
+    pack(plan, corpus.root, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def wav_shards(corpus, tmp_path_factory):
+    # 6 utterances a speaker in chunks of 4 + 2, at most 5 a shard: shards of 2 to 4 utterances
+    return _pack(corpus, tmp_path_factory.mktemp("wav") / "shards", "wav", chunk_size=4, max_utts=5)
+
+
+@pytest.fixture(scope="session")
+def flac_shards(corpus, tmp_path_factory):
+    return _pack(corpus, tmp_path_factory.mktemp("flac") / "shards", "flac", chunk_size=4, max_utts=5)
+
+
+def take(loader, n: int) -> list[dict]:
+    return list(itertools.islice(iter(loader), n))
+
+
+def flat_keys(batches) -> list[str]:
+    return [k for b in batches for t in b["keys"] for k in t]
+
+
+def test_every_batch_is_n_distinct_speakers_by_m_crops_of_their_own_audio(corpus, wav_shards):
+    labels = {spk: i for i, spk in enumerate(sorted({e.spk for e in read_train_list(corpus.train_list)}))}
+    batches = take(train_loader(ShardSet.open(wav_shards), CONFIG), 12)
+    for b in batches:
+        assert b["audio"].shape == (4, 2, CONFIG.crop_samples) and b["audio"].dtype == torch.int16
+        assert len(set(b["labels"].tolist())) == 4
+        for row, keys in enumerate(b["keys"]):
+            assert len(keys) == 2 and len(set(keys)) == 2
+            assert {labels[k.split("/")[0]] for k in keys} == {int(b["labels"][row])}
+            for j, key in enumerate(keys):  # the crop is a window of that utterance's own samples
+                original, _ = soundfile.read(corpus.root / f"{key}.wav", dtype="int16")
+                crop = b["audio"][row, j].numpy()
+                padded = wrap_pad(original, CONFIG.crop_samples)
+                windows = np.lib.stride_tricks.sliding_window_view(padded, CONFIG.crop_samples)
+                assert (windows == crop).all(axis=1).any(), f"{key}: crop is not a window of the file"
+
+
+def test_crop_start_follows_the_seed():
+    L = 200 * 160 + 240
+    assert crop_start(10 * L, L, 0.5) == int(0.5 * (10 * L - L))
+    assert crop_start(100, L, 0.99) == 0  # short file: padded to L + 1, the only start is 0
+    short = np.arange(5, dtype=np.int16)
+    assert wrap_pad(short, 7).tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+
+
+def test_a_pass_uses_each_utterance_at_most_once_and_respects_the_cap(wav_shards):
+    shards = ShardSet.open(wav_shards)
+    config = BatchConfig(n_speakers=3, utts_per_speaker=2, max_frames=20, max_seg_per_spk=4, seed=1)
+    per_pass: dict[int, Counter] = defaultdict(Counter)
+    stream = TrainStream(shards, config, 0, 1)
+    for b in itertools.islice(stream.batches(), 60):
+        for t, p in zip(b["keys"], b["tuple_passes"]):
+            per_pass[p].update(t)
+    assert len(per_pass) >= 3
+    for p, used in per_pass.items():
+        assert max(used.values()) == 1, f"pass {p} used an utterance twice"
+        by_speaker = Counter(k.split("/")[0] for k in used)
+        assert max(by_speaker.values()) <= 4, f"pass {p}: max_seg_per_spk exceeded {by_speaker}"
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_equal_batch_counts_disjoint_ranks_and_coverage(wav_shards, world_size):
+    shards = ShardSet.open(wav_shards)
+    sizes = [s["samples"] for s in shards.index["shards"]]
+    assert len(set(sizes)) > 1, "the fixture must have uneven shards"
+    n = batches_per_epoch(shards.index, CONFIG, world_size, workers=1)
+    assert n >= 1
+    seen = []
+    for rank in range(world_size):
+        loader = train_loader(shards, CONFIG, rank=rank, world_size=world_size, workers=1)
+        assert loader.dataset.batches_per_epoch == n
+        batches = take(loader, n)
+        assert len(batches) == n
+        seen.append(set(flat_keys(batches)))
+    for a, b in itertools.combinations(seen, 2):
+        assert not a & b, "two ranks received the same utterance in one epoch"
+    usable = usable_utterances(shards.index, CONFIG, world_size)
+    coverage = len(set().union(*seen)) / usable
+    print(f"world {world_size}: {n} batches/rank, coverage {coverage:.1%} of {usable} usable utterances")
+    assert coverage >= (0.95 if world_size == 1 else 0.75)  # tiny corpus: 4 ranks leave 3 tuples a stream
+
+
+def test_same_seed_same_stream_other_seed_other_stream(flac_shards):
+    shards = ShardSet.open(flac_shards)
+    a = take(train_loader(shards, CONFIG, workers=2), 8)
+    b = take(train_loader(shards, CONFIG, workers=2), 8)
+    c = take(train_loader(shards, BatchConfig(**{**CONFIG.__dict__, "seed": 4}), workers=2), 8)
+    assert [x["keys"] for x in a] == [x["keys"] for x in b]
+    assert all(torch.equal(x["audio"], y["audio"]) for x, y in zip(a, b))
+    assert [x["keys"] for x in a] != [x["keys"] for x in c]
+
+
+@pytest.mark.parametrize("start", [0, 1, 5, 6])
+def test_skip_ahead_equals_iterate_and_discard(flac_shards, start):
+    shards = ShardSet.open(flac_shards)
+    reference = take(train_loader(shards, CONFIG, workers=2), start + 4)[start:]
+    resumed = take(train_loader(shards, CONFIG, workers=2, start_batch=start), 4)
+    assert [x["keys"] for x in resumed] == [x["keys"] for x in reference]
+    assert all(torch.equal(x["audio"], y["audio"]) for x, y in zip(resumed, reference))
+
+
+def test_skipped_batches_are_not_decoded(flac_shards):
+    stream = TrainStream(ShardSet.open(flac_shards), CONFIG, 0, 1)
+    calls = Counter()
+    import speakerid.data.batches as batches_module
+
+    original = batches_module.read_crop
+    try:
+        batches_module.read_crop = lambda *a, **k: calls.update(["decode"]) or original(*a, **k)
+        next(stream.batches(skip=10))
+    finally:
+        batches_module.read_crop = original
+    assert calls["decode"] == CONFIG.n_speakers * CONFIG.utts_per_speaker  # the yielded batch only
+
+
+def test_seed_option_names_are_aliases():
+    config = BatchConfig.from_dict({"batch_size": 7, "nPerSpeaker": 3, "max_frames": 100, "max_seg_per_spk": 50})
+    assert (config.n_speakers, config.utts_per_speaker, config.crop_samples) == (7, 3, 16240)
+    with pytest.raises(SpeakeridError, match="unknown batch option 'nPerSpeakr'.*nPerSpeaker"):
+        BatchConfig.from_dict({"nPerSpeakr": 2})
+
+
+def test_too_few_speakers_for_a_batch_is_an_error_at_start_up(wav_shards):
+    with pytest.raises(SpeakeridError, match="batch needs 40 distinct speakers"):
+        train_loader(ShardSet.open(wav_shards), BatchConfig(n_speakers=40))
+
+
+def test_assignment_balances_uneven_shards():
+    streams = assign_streams([10, 1, 1, 1, 9, 2, 2], 3)
+    loads = sorted(sum([10, 1, 1, 1, 9, 2, 2][i] for i in s) for s in streams)
+    assert loads == [7, 9, 10] and sorted(i for s in streams for i in s) == list(range(7))
+    with pytest.raises(SpeakeridError, match="2 shard.*4 reader streams"):
+        assign_streams([1, 1], 4)
+
+
+# -------------------------------------------------------------------------------------------- faults
+
+
+def test_truncated_shard_and_corrupt_member_are_skipped_and_counted(flac_shards, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(flac_shards, damaged)
+    index = json.loads((damaged / "index.json").read_text())
+    victim = damaged / index["shards"][2]["name"]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    index["shards"][2]["bytes"] = victim.stat().st_size  # an index that agrees on size: only reading can tell
+    other = damaged / index["shards"][5]["name"]
+    data = bytearray(other.read_bytes())
+    at = data.find(b"fLaC")
+    data[at + 200:at + 2000] = b"\x00" * 1800  # a member whose audio does not decode
+    other.write_bytes(bytes(data))
+    (damaged / "index.json").write_text(json.dumps(index))
+
+    stream = TrainStream(ShardSet.open(damaged), CONFIG, 0, 1)
+    batches = list(itertools.islice(stream.batches(), 40))
+    assert len(batches) == 40 and all(len(set(b["labels"].tolist())) == 4 for b in batches)
+    faults = batches[-1]["faults"]
+    assert faults["damaged_shards"] >= 1 and faults["corrupt_members"] >= 1, faults
+
+
+def test_unopenable_shard_and_mismatched_index_fail_at_start_up(flac_shards, tmp_path):
+    with pytest.raises(SpeakeridError, match="named by exactly one|names 0 shards"):
+        ShardSet.open(flac_shards, urls=[str(flac_shards / "train-000000.tar"), "/nowhere/else.tar"])
+    broken = tmp_path / "b"
+    shutil.copytree(flac_shards, broken)
+    (broken / "train-000003.tar").write_bytes(b"short")
+    with pytest.raises(SpeakeridError, match="train-000003.tar: 5 bytes, the index says"):
+        ShardSet.open(broken)
+    (broken / "train-000003.tar").unlink()
+    with pytest.raises(SpeakeridError, match="train-000003.tar: shard named by the index is missing"):
+        ShardSet.open(broken)
+
+
+# -------------------------------------------------------------------------------------------- transports
+
+
+@pytest.fixture
+def http_server(flac_shards):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(flac_shards))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_shards_over_http_give_the_same_batches(flac_shards, http_server):
+    local = take(train_loader(ShardSet.open(flac_shards), CONFIG), 6)
+    remote = take(train_loader(ShardSet.open(http_server + "/"), CONFIG), 6)
+    assert [x["keys"] for x in remote] == [x["keys"] for x in local]
+    assert all(torch.equal(x["audio"], y["audio"]) for x, y in zip(remote, local))
+    with pytest.raises(SpeakeridError, match="cannot read the shard index"):
+        ShardSet.open(http_server + "/nothing-here/")
+
+
+def test_pipe_and_brace_urls(flac_shards):
+    n = len(ShardSet.open(flac_shards))
+    pattern = f"pipe:cat {flac_shards}/train-{{000000..{n - 1:06d}}}.tar"
+    piped = take(train_loader(ShardSet.open(flac_shards, urls=pattern), CONFIG), 4)
+    local = take(train_loader(ShardSet.open(flac_shards), CONFIG), 4)
+    assert [x["keys"] for x in piped] == [x["keys"] for x in local]
+
+
+def test_two_processes_under_accelerate_get_disjoint_utterances_and_equal_counts(wav_shards, tmp_path):
+    script = REPO / "tests" / "scripts" / "read_epoch.py"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), str(script), str(wav_shards), str(tmp_path)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["batches"] == ranks[1]["batches"] == ranks[0]["batches_per_epoch"] >= 1
+    assert ranks[0]["world_size"] == 2 and {r["rank"] for r in ranks} == {0, 1}
+    assert not set(ranks[0]["keys"]) & set(ranks[1]["keys"])
