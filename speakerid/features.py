@@ -47,10 +47,12 @@ def frontend_context(device_type: str) -> Iterator[None]:
 
 def _window(name: str, length: int) -> Tensor:
     # periodic windows, as torch.hamming_window / torch.hann_window give by default (torchaudio's window_fn)
+    # torch builds a periodic window as a view of a longer one; clone so the buffer owns its storage
+    # (safetensors, and so accelerate's save_state, refuse to store a view)
     if name == "hamming":
-        return torch.hamming_window(length)
+        return torch.hamming_window(length).clone()
     if name == "hann":
-        return torch.hann_window(length)
+        return torch.hann_window(length).clone()
     raise SpeakeridError(f"window {name!r} is not known; use one of {', '.join(WINDOWS)}")
 
 

@@ -136,3 +136,13 @@ def test_summary_prints_the_counts(capsys):
     result = summary(model)
     printed = capsys.readouterr().out
     assert result.n_parameters == 1_437_078 and "1,437,078" in printed and "layer3" in printed
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_saves_and_loads_through_safetensors(name, tmp_path):
+    """accelerate's save_state writes safetensors, which refuses tensors that are views (e.g. a window buffer)."""
+    from safetensors.torch import load_model, save_model
+
+    model = MODELS[name]()
+    save_model(model, str(tmp_path / "m.safetensors"))
+    load_model(MODELS[name](), str(tmp_path / "m.safetensors"))
