@@ -1,0 +1,288 @@
+"""The training loop: Accelerate owns devices, DDP and precision; this file owns epochs, schedules, logs,
+checkpoints and resume.
+
+    build (model, loss, data, optimizer, schedule) → accelerator.prepare → for each batch: int16 → float on
+    the device → model on (N·M, L) → loss on (N, M, D) → backward/step → log → checkpoint
+
+A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` and ``checkpoints/step-NNNNNNNN``
+(``accelerator.save_state`` plus ``progress.json``). Running the same command again resumes from the
+latest checkpoint: model, loss parameters, optimizer, scheduler, scaler, RNG states and the position in
+the data stream (the reader skips ahead without decoding). SIGTERM/SIGUSR1 (SLURM pre-emption) save a
+checkpoint at the next step and exit 0, so a requeued job resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from speakerid.config import Config, diff_configs, save_config
+from speakerid.data.batches import BatchConfig, train_loader
+from speakerid.data.shardset import ShardSet
+from speakerid.errors import SpeakeridError
+from speakerid.features import int16_to_float
+from speakerid.losses import build_loss, loss_class, loss_options
+from speakerid.models import build_model, canonical_options, model_options
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """auto: bf16 where the GPU supports it, fp16 (with loss scaling) on other GPUs, fp32 on the CPU."""
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def build_model_and_loss(config: Config, n_classes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    model = build_model(config.model.name, **config.model.options)
+    options = dict(config.loss.options)
+    accepted = loss_options(config.loss.name)
+    given = canonical_options(config.model.name, config.model.options)
+    n_out = given.get("n_out", model_options(config.model.name)["n_out"].default)
+    if "nOut" in accepted and "nOut" not in options and n_out is not None:
+        options["nOut"] = n_out
+    if "nClasses" in accepted and "nClasses" not in options:
+        options["nClasses"] = n_classes
+    return model, build_loss(config.loss.name, **options)
+
+
+def build_optimizer(config: Config, parameters) -> torch.optim.Optimizer:
+    o = config.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(parameters, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(parameters, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def build_scheduler(config: Config, optimizer, steps_per_epoch: int):
+    s = config.schedule
+    per_step = s.interval == "step"
+    total = config.train.max_epoch * (steps_per_epoch if per_step else 1)
+    if s.name == "steplr":  # the seeds: StepLR(step_size=test_interval, gamma=lr_decay) stepped per epoch
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_size, gamma=s.gamma)
+    if s.name == "cosine":
+        def factor(i: int) -> float:
+            if i < s.warmup:
+                return (i + 1) / s.warmup
+            progress = (i - s.warmup) / max(1, total - s.warmup)
+            floor = s.min_lr / config.optim.lr
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if s.name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.optim.lr, total_steps=max(2, total),
+                                                   pct_start=max(s.warmup, 1) / max(2, total))
+    if s.name == "plateau":  # masked-proxy recipe: stepped with the validation EER
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=s.plateau_factor,
+                                                          patience=s.plateau_patience)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+
+
+def check_config(config: Config, shards: ShardSet) -> None:
+    """What can be wrong before the first step, said before the first step."""
+    m, n = config.data.utts_per_speaker, config.data.n_speakers
+    cls = loss_class(config.loss.name)
+    cls.check_utts_per_speaker(m)
+    speakers = len(shards.index["speakers"])
+    if n > speakers:
+        raise SpeakeridError(f"data.n_speakers (batch_size) is {n} but the training shards hold {speakers} speakers; "
+                             "a batch needs N distinct speakers: lower it")
+
+
+# ------------------------------------------------------------------------------------------------ run dir
+
+
+def claim_run_dir(config: Config, force: bool) -> Path:
+    run_dir = Path(config.train.run_dir)
+    resolved = run_dir / "config.yaml"
+    if resolved.exists():
+        import yaml
+
+        previous = yaml.safe_load(resolved.read_text())
+        diffs = [d for d in diff_configs(previous, config.to_dict()) if not d.startswith(("train.max_epoch", "train.max_steps"))]
+        if diffs and not force:
+            raise SpeakeridError(
+                f"{run_dir} holds a run of another configuration ({'; '.join(diffs[:5])}"
+                f"{' …' if len(diffs) > 5 else ''}); use a new train.run_dir, or --force to resume it with the new settings"
+            )
+    return run_dir
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "progress.json").exists())
+    return done[-1] if done else None
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimizer steps taken
+    batch: int = 0  # rank batches consumed (the reader's stream position)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.__dict__))
+
+    @classmethod
+    def load(cls, path: Path) -> "Progress":
+        return cls(**json.loads(path.read_text()))
+
+
+# ------------------------------------------------------------------------------------------------ signals
+
+
+class StopFlag:
+    """SIGTERM/SIGUSR1 (SLURM pre-emption, `scancel`) ask for a checkpoint and a clean exit at the next step."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, lambda signum, frame: self.event.set())
+
+    def __bool__(self) -> bool:
+        return self.event.is_set()
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    progress: Progress
+    stopped_by_signal: bool
+    last_loss: float
+
+
+def train(config: Config, *, force: bool = False, stop_after_steps: int | None = None) -> TrainResult:
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.train.mixed_precision),
+                              gradient_accumulation_steps=config.optim.grad_accum)
+    set_seed(config.train.seed)
+    shards = ShardSet.open(config.data.train_shards, urls=config.data.train_urls)
+    check_config(config, shards)
+    run_dir = claim_run_dir(config, force)
+    if accelerator.is_main_process:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+
+    model, loss = build_model_and_loss(config, n_classes=len(shards.index["speakers"]))
+    optimizer = build_optimizer(config, list(model.parameters()) + list(loss.parameters()))
+    data = BatchConfig(n_speakers=config.data.n_speakers, utts_per_speaker=config.data.utts_per_speaker,
+                       max_frames=config.data.max_frames, max_seg_per_spk=config.data.max_seg_per_spk,
+                       open_shards=config.data.open_shards, pool_factor=config.data.pool_factor, seed=config.train.seed)
+    per_epoch = train_loader(shards, data, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                             workers=config.data.workers).dataset.batches_per_epoch
+    scheduler = build_scheduler(config, optimizer, per_epoch // config.optim.grad_accum)
+    model, loss, optimizer = accelerator.prepare(model, loss, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    progress = Progress()
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        progress = Progress.load(checkpoint / "progress.json")
+        accelerator.print(f"resuming from {checkpoint} (epoch {progress.epoch}, step {progress.step})")
+    # The loader is not prepared: each rank reads its own streams, and the start position comes from progress.
+    loader = train_loader(shards, data, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                          workers=config.data.workers, start_batch=progress.batch, pin_memory=torch.cuda.is_available())
+    batches = iter(loader)
+    stop = StopFlag()
+    metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
+    last_loss, stopped = float("nan"), False
+
+    while progress.epoch < config.train.max_epoch:
+        model.train()
+        loss.train()
+        first_in_epoch = progress.batch - progress.epoch * per_epoch
+        for _ in range(first_in_epoch, per_epoch):
+            batch = next(batches)
+            started = time.perf_counter()
+            with accelerator.accumulate(model, loss):
+                value, accuracy = training_step(model, loss, batch, accelerator, config)
+                optimizer.step()
+                if config.schedule.interval == "step" and accelerator.sync_gradients and config.schedule.name != "plateau":
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            progress.batch += 1
+            if accelerator.sync_gradients:
+                progress.step += 1
+            last_loss = value
+            if not math.isfinite(value):
+                raise SpeakeridError(
+                    f"loss is {value} at step {progress.step} (epoch {progress.epoch}); batch keys: "
+                    f"{batch['keys'][:3]}…; last good checkpoint: {latest_checkpoint(run_dir) or 'none'}. "
+                    "Lower optim.lr, check the data, or try train.mixed_precision=no"
+                )
+            if progress.step % config.train.log_every == 0:
+                metrics.write(step=progress.step, epoch=progress.epoch, loss=value, accuracy=accuracy,
+                              lr=optimizer.param_groups[0]["lr"],
+                              utterances_per_s=batch["labels"].numel() * config.data.utts_per_speaker
+                              * accelerator.num_processes / max(1e-9, time.perf_counter() - started))
+            every = config.train.save_every_steps
+            if (every and progress.step % every == 0) or stop or (stop_after_steps and progress.step >= stop_after_steps):
+                save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints)
+                if stop or (stop_after_steps and progress.step >= stop_after_steps):
+                    stopped = bool(stop)
+                    return TrainResult(run_dir, progress, stopped, last_loss)
+            if config.train.max_steps and progress.step >= config.train.max_steps:
+                break
+        if progress.batch - progress.epoch * per_epoch >= per_epoch:
+            progress.epoch += 1
+            if config.schedule.interval == "epoch" and config.schedule.name != "plateau":
+                scheduler.step()
+        save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints)
+        if config.train.max_steps and progress.step >= config.train.max_steps:
+            break
+    return TrainResult(run_dir, progress, stopped, last_loss)
+
+
+def training_step(model, loss, batch: dict, accelerator: Accelerator, config: Config) -> tuple[float, float]:
+    """int16 (N, M, L) → float on the device → embeddings (N·M, D) → loss on (N, M, D) → backward."""
+    audio = batch["audio"].to(accelerator.device, non_blocking=True)
+    labels = batch["labels"].to(accelerator.device, non_blocking=True)
+    n, m, length = audio.shape
+    waveforms = int16_to_float(audio.reshape(n * m, length))
+    with accelerator.autocast():
+        embeddings = model(waveforms)
+    value, accuracy = loss(embeddings.float().reshape(n, m, -1), labels)  # the loss in float32, outside autocast
+    accelerator.backward(value)
+    if config.optim.grad_clip and accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(list(model.parameters()) + list(loss.parameters()), config.optim.grad_clip)
+    return float(value.detach()), float(accuracy)
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: Progress, keep: int) -> Path:
+    path = run_dir / "checkpoints" / f"step-{progress.step:08d}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        progress.save(path / "progress.json")  # written last: a checkpoint without it is incomplete
+        done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "progress.json").exists())
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+class MetricsLog:
+    """One JSON object per line in the run directory, written by the main process."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")

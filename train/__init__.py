@@ -1,0 +1,1 @@
+"""Front door: accelerate launch train --config configs/X.yaml [key=value …] (see __main__.py)."""
