@@ -1,0 +1,196 @@
+"""Trial scoring from embeddings: cosine, the seeds' multi-crop distance score, mean subtraction and AS-Norm.
+
+Every utterance is embedded once; a trial list becomes index pairs ``(T, 2)`` (enrollment, test) into the
+embedding matrix (:func:`trial_indices`), and all trials are scored at once, in chunks of trials that bound
+memory. Computation runs in torch on the embeddings' device and dtype (numpy input runs on the CPU); scores
+come back as a numpy array ``(T,)`` of the embeddings' floating dtype.
+
+* :func:`cosine_scores` — embeddings ``(U, D)``: the dot product of the L2-normalised rows.
+* :func:`crop_scores` — the seeds' 10-crop protocol, embeddings ``(U, C, D)``: −mean of the C×C Euclidean
+  distances between the two utterances' crops, after L2-normalising each crop when ``normalize`` (the loss's
+  ``test_normalize``), as voxceleb_trainer's ``evaluateFromList`` (F.normalize, torch.cdist, −mean).
+  With C = 1 (whole utterances) this is −‖e − t‖.
+* :func:`subtract_mean` / :func:`cohort_mean` — subtract a cohort's mean embedding (from the embeddings and
+  the cohort alike) before scoring; the scoring functions normalise afterwards.
+* :func:`as_norm` — adaptive symmetric score normalisation with the top-k cohort scores of each side:
+  s' = ½((s − μ_e)/σ_e + (s − μ_t)/σ_t), μ/σ the mean and (population) standard deviation of the k highest
+  cosine scores of that side's embedding against the cohort; each unique utterance's statistics are
+  computed once (:func:`cohort_stats`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from speakerid.errors import SpeakeridError
+
+NORMALIZE_EPS = 1e-12  # F.normalize's default: x / max(‖x‖, eps), as the seeds
+
+
+def _as_tensor(values, name: str, ndim: int | tuple[int, ...], shape_hint: str) -> Tensor:
+    if isinstance(values, Tensor):
+        tensor = values.detach()
+    else:
+        try:
+            tensor = torch.from_numpy(np.ascontiguousarray(values))
+        except (TypeError, ValueError) as error:
+            raise SpeakeridError(f"{name} cannot be read as a numeric array: {error}") from error
+    if tensor.ndim not in ((ndim,) if isinstance(ndim, int) else ndim):
+        raise SpeakeridError(f"{name} must have shape {shape_hint}, got shape {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        tensor = tensor.float()
+    return tensor
+
+
+def _check_pairs(pairs, n_utterances: int, device: torch.device) -> Tensor:
+    array = pairs.detach().cpu().numpy() if isinstance(pairs, Tensor) else np.asarray(pairs)
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise SpeakeridError(f"pairs must have shape (T, 2) (enrollment index, test index per trial), "
+                             f"got shape {array.shape}")
+    if array.size and array.dtype.kind not in "iu":
+        raise SpeakeridError(f"pairs must hold integer utterance indices, got dtype {array.dtype}")
+    bad = (array < 0) | (array >= n_utterances)
+    if bad.any():
+        trial, side = np.argwhere(bad)[0]
+        raise SpeakeridError(f"pairs index utterance {array[trial, side]} (trial {trial}, "
+                             f"{'enrollment' if side == 0 else 'test'} side), but there are only {n_utterances} "
+                             f"embeddings (valid indices 0…{n_utterances - 1})")
+    return torch.as_tensor(array.astype(np.int64), device=device)
+
+
+def _check_chunk(chunk_size: int) -> None:
+    if chunk_size < 1:
+        raise SpeakeridError(f"chunk_size must be at least 1, got {chunk_size}")
+
+
+def _normalize(x: Tensor) -> Tensor:
+    return F.normalize(x, p=2, dim=-1, eps=NORMALIZE_EPS)
+
+
+def trial_indices(trials: Iterable[tuple[str, str]], utterances: Sequence[str]) -> np.ndarray:
+    """Index pairs ``(T, 2)`` of (enrollment, test) names into ``utterances`` (the embedding matrix's rows)."""
+    position = {name: i for i, name in enumerate(utterances)}
+    rows, missing = [], []
+    for enroll, test in trials:
+        if enroll not in position or test not in position:
+            missing.append(enroll if enroll not in position else test)
+            continue
+        rows.append((position[enroll], position[test]))
+    if missing:
+        raise SpeakeridError(f"{len(missing)} trial(s) name utterances that have no embedding, e.g. "
+                             f"{missing[0]!r}: embed every utterance of the trial list")
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+
+
+def cosine_scores(embeddings, pairs, *, chunk_size: int = 65536) -> np.ndarray:
+    """Cosine similarity of each trial's two embeddings: ``embeddings`` (U, D), ``pairs`` (T, 2) → (T,)."""
+    _check_chunk(chunk_size)
+    emb = _as_tensor(embeddings, "embeddings", 2, "(U, D) (for crops (U, C, D) use crop_scores)")
+    index = _check_pairs(pairs, emb.shape[0], emb.device)
+    emb = _normalize(emb)
+    scores = torch.empty(len(index), dtype=emb.dtype, device=emb.device)
+    for start in range(0, len(index), chunk_size):
+        chunk = index[start:start + chunk_size]
+        scores[start:start + len(chunk)] = torch.einsum("td,td->t", emb[chunk[:, 0]], emb[chunk[:, 1]])
+    return scores.cpu().numpy()
+
+
+def crop_scores(embeddings, pairs, *, normalize: bool = True, chunk_size: int = 2048) -> np.ndarray:
+    """The seeds' multi-crop score: −mean over the C×C crop pairs of the Euclidean distance, per trial.
+
+    ``embeddings`` (U, C, D) (C = 10 in the seeds' protocol, 1 for whole utterances); ``normalize``: L2-normalise
+    each crop first (the loss's ``test_normalize``). A chunk of trials needs about 2·chunk_size·C·D values.
+    """
+    _check_chunk(chunk_size)
+    emb = _as_tensor(embeddings, "embeddings", 3, "(U, C, D): C crops of D values per utterance")
+    index = _check_pairs(pairs, emb.shape[0], emb.device)
+    if normalize:
+        emb = _normalize(emb)
+    scores = torch.empty(len(index), dtype=emb.dtype, device=emb.device)
+    for start in range(0, len(index), chunk_size):
+        chunk = index[start:start + chunk_size]
+        distances = torch.cdist(emb[chunk[:, 0]], emb[chunk[:, 1]])  # (B, C, C), like the seed's per-trial cdist
+        scores[start:start + len(chunk)] = -distances.mean(dim=(1, 2))
+    return scores.cpu().numpy()
+
+
+def cohort_mean(cohort) -> Tensor:
+    """The mean embedding of a cohort ``(K, D)`` (or crops ``(K, C, D)``: the mean over all crops)."""
+    coh = _as_tensor(cohort, "the cohort", (2, 3), "(K, D) or (K, C, D)")
+    if coh.shape[0] == 0:
+        raise SpeakeridError(f"the cohort must have shape (K, D) or (K, C, D) with K ≥ 1, got {tuple(coh.shape)}")
+    return coh.reshape(-1, coh.shape[-1]).mean(dim=0)
+
+
+def subtract_mean(embeddings, mean):
+    """``embeddings − mean`` over the last axis; returns the input's kind (numpy array or tensor)."""
+    mean_t = mean.detach() if isinstance(mean, Tensor) else torch.as_tensor(np.asarray(mean))
+    emb_t = embeddings.detach() if isinstance(embeddings, Tensor) else torch.from_numpy(np.asarray(embeddings))
+    if mean_t.ndim != 1 or emb_t.ndim < 1 or emb_t.shape[-1] != mean_t.shape[0]:
+        raise SpeakeridError(f"the mean must be a vector of the embeddings' size: embeddings have shape "
+                             f"{tuple(emb_t.shape)}, the mean {tuple(mean_t.shape)}")
+    result = emb_t - mean_t.to(device=emb_t.device, dtype=emb_t.dtype)
+    return result if isinstance(embeddings, Tensor) else result.numpy()
+
+
+def _check_cohort(cohort, emb: Tensor, top_k: int) -> Tensor:
+    coh = _as_tensor(cohort, "the cohort", 2, "(K, D)")
+    if coh.shape[1] != emb.shape[1]:
+        raise SpeakeridError(f"the cohort's embeddings have {coh.shape[1]} values but the trials' have "
+                             f"{emb.shape[1]}: embed the cohort with the same model")
+    if not 2 <= top_k <= coh.shape[0]:
+        raise SpeakeridError(f"top_k must be between 2 and the cohort size {coh.shape[0]}, got {top_k} "
+                             "(the standard deviation of one score is 0)")
+    return coh.to(device=emb.device, dtype=emb.dtype)
+
+
+def _cohort_stats(emb_n: Tensor, coh_n: Tensor, top_k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
+    mean = torch.empty(len(emb_n), dtype=emb_n.dtype, device=emb_n.device)
+    std = torch.empty_like(mean)
+    for start in range(0, len(emb_n), chunk_size):
+        top = (emb_n[start:start + chunk_size] @ coh_n.T).topk(top_k, dim=1, sorted=False).values
+        mean[start:start + len(top)] = top.mean(dim=1)
+        std[start:start + len(top)] = top.std(dim=1, correction=0)
+    return mean, std
+
+
+def cohort_stats(embeddings, cohort, top_k: int = 300, *, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and population std of each embedding's top_k cosine scores against the cohort: (U,), (U,).
+
+    Memory: chunk_size × K scores at a time.
+    """
+    _check_chunk(chunk_size)
+    emb = _as_tensor(embeddings, "embeddings", 2, "(U, D)")
+    coh = _check_cohort(cohort, emb, top_k)
+    mean, std = _cohort_stats(_normalize(emb), _normalize(coh), top_k, chunk_size)
+    return mean.cpu().numpy(), std.cpu().numpy()
+
+
+def as_norm(embeddings, pairs, cohort, *, top_k: int = 300, scores=None, chunk_size: int = 1024) -> np.ndarray:
+    """Adaptive s-norm of trial scores (cosine scores of ``embeddings`` unless ``scores`` (T,) is given).
+
+    ``embeddings`` (U, D), ``pairs`` (T, 2), ``cohort`` (K, D) (subtract the same mean from both first, if
+    any); statistics are computed once per utterance that occurs in ``pairs``. A zero std (a cohort whose
+    top scores are all equal) is floored at 1e-12.
+    """
+    _check_chunk(chunk_size)
+    emb = _as_tensor(embeddings, "embeddings", 2, "(U, D)")
+    index = _check_pairs(pairs, emb.shape[0], emb.device)
+    coh = _check_cohort(cohort, emb, top_k)
+    if scores is None:
+        raw = torch.from_numpy(cosine_scores(emb, index)).to(emb.device)
+    else:
+        raw = _as_tensor(scores, "scores", 1, "(T,)").to(device=emb.device, dtype=emb.dtype)
+        if len(raw) != len(index):
+            raise SpeakeridError(f"scores and pairs differ in length: {len(raw)} scores but {len(index)} trials")
+    used, inverse = torch.unique(index, return_inverse=True)  # inverse: (T, 2) rows into `used`
+    mean, std = _cohort_stats(_normalize(emb[used]), _normalize(coh), top_k, chunk_size)
+    std = std.clamp_min(1e-12)
+    enroll, test = inverse[:, 0], inverse[:, 1]
+    normed = 0.5 * ((raw - mean[enroll]) / std[enroll] + (raw - mean[test]) / std[test])
+    return normed.cpu().numpy()
