@@ -24,12 +24,12 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from webdataset import tariterators
-
 import webdataset as wds
-from speakerid.audio import read_crop, wav_pcm
+
+from speakerid.audio import read_crop
 from speakerid.data.index import split_member
 from speakerid.data.shardset import ShardSet, assign_streams
+from speakerid.data.tarstream import iter_tar
 from speakerid.errors import SpeakeridError
 
 log = logging.getLogger("speakerid.data")
@@ -149,28 +149,29 @@ class Utterance:
     pass_number: int
 
 
+def open_shard(url: str):
+    """Local paths get a large buffer (the reader is sequential); pipe: and http(s) go through webdataset's gopen."""
+    path = url.removeprefix("file:")
+    if "://" not in url and not url.startswith("pipe:"):
+        return open(path, "rb", buffering=1 << 20)
+    return wds.gopen(url)
+
+
 def read_shard(url: str, faults: Faults) -> Iterator[dict]:
-    """One shard's samples as {key, json, audio bytes, ext}; a damaged tail or member is counted and skipped."""
+    """One shard's samples as {__key__, json, <encoding>: bytes}; a damaged tail is counted and skipped."""
     try:
-        stream = wds.gopen(url)
+        stream = open_shard(url)
     except Exception as error:
         raise SpeakeridError(f"{url}: cannot open this shard: {error}") from error
-
-    def member_fault(error: Exception) -> bool:
-        faults.corrupt_members += 1
-        log.warning("%s: skipping a damaged member: %s", url, error)
-        return True
-
     try:
-        files = tariterators.tar_file_iterator(stream, handler=member_fault)
         sample: dict = {}
-        for f in files:
-            key, ext = split_member(f["fname"])
+        for name, data in iter_tar(stream):
+            key, ext = split_member(name)
             if sample and sample["__key__"] != key:
                 yield sample
                 sample = {}
             sample["__key__"] = key
-            sample[ext] = f["data"]
+            sample[ext] = data
         if sample:
             yield sample
     except Exception as error:  # a truncated or garbled tar ends this shard early
@@ -209,8 +210,7 @@ def parse(samples: Iterator[dict], encoding: str, crop_samples: int, rng: np.ran
             data = sample[encoding]
             n, label = int(meta["samples"]), int(meta["label"])
             u = float(rng.random())
-            if encoding == "wav":
-                wav_pcm(data)  # a member that is not 16-bit PCM fails here, before it takes a pool place
+            if encoding == "wav":  # cut the crop now (a slice of the PCM): the pool holds 2·L bytes, not the file
                 payload = read_crop(data, "wav", n, crop_samples, u)
             else:
                 payload = data
