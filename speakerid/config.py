@@ -163,6 +163,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return _coerce(value, args[0], where)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 (PyYAML) reads 1e-3 as a string: it needs 1.0e-3
+            return float(value)
+        except ValueError:
+            pass
     if annotation is dict:
         if not isinstance(value, dict):
             raise SpeakeridError(f"{where}: expected a mapping, got {value!r}")

@@ -165,11 +165,56 @@ class TrainResult:
     progress: Progress
     stopped_by_signal: bool
     last_loss: float
+    validations: list[dict]
 
 
-def train(config: Config, *, force: bool = False, stop_after_steps: int | None = None) -> TrainResult:
+class GeneratorState:
+    """A torch.Generator that accelerate checkpoints (augmentation draws resume where they stopped)."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
+def build_augmenter(config: Config, accelerator: Accelerator):
+    if not config.augment.enabled:
+        return None
+    from speakerid.augment import AugmentConfig, Augmenter
+    from speakerid.data.noise import NoiseBank
+
+    if not config.augment.musan_shards and not config.augment.rir_shards:
+        raise SpeakeridError("augment.enabled needs augment.musan_shards and/or augment.rir_shards "
+                             "(shardify pack --kind noise); or set augment.enabled=false")
+    crop = config.data.max_frames * 160 + 240
+    stream, n_streams = accelerator.process_index, accelerator.num_processes
+    musan = (NoiseBank(ShardSet.open(config.augment.musan_shards), clip_samples=crop, seed=config.train.seed,
+                       stream=stream, n_streams=n_streams) if config.augment.musan_shards else None)
+    rirs = (NoiseBank(ShardSet.open(config.augment.rir_shards), clip_samples=None, seed=config.train.seed,
+                      stream=stream, n_streams=n_streams) if config.augment.rir_shards else None)
+    # without a bank for a type, that type is never drawn (its probability goes to "none")
+    no_musan = {"p_music": 0.0, "p_speech": 0.0, "p_noise": 0.0} if musan is None else {}
+    no_rir = {"p_reverb": 0.0} if rirs is None else {}
+    base = AugmentConfig()
+    p_none = base.p_none + sum(getattr(base, k) for k in {**no_musan, **no_rir})
+    return Augmenter(AugmentConfig(**no_musan, **no_rir, p_none=p_none), musan, rirs, seed=config.train.seed)
+
+
+def train(config: Config, *, force: bool = False, stop_after_steps: int | None = None,
+          validate=None, export=None) -> TrainResult:
+    """Train as configured; resume from the run directory's latest checkpoint if there is one.
+
+    ``validate(model, loss, epoch) -> dict`` is called every test_interval epochs (and its EER drives the
+    plateau schedule); ``export(model, run_dir)`` after every epoch. Both default to speakerid.evaluation's.
+    """
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.train.mixed_precision),
-                              gradient_accumulation_steps=config.optim.grad_accum)
+                              gradient_accumulation_steps=config.optim.grad_accum,
+                              log_with="tensorboard" if config.train.tensorboard else None,
+                              project_dir=config.train.run_dir)
     set_seed(config.train.seed)
     shards = ShardSet.open(config.data.train_shards, urls=config.data.train_urls)
     check_config(config, shards)
@@ -177,17 +222,25 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
     if accelerator.is_main_process:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
+    if config.train.tensorboard:
+        accelerator.init_trackers("tensorboard")
 
     model, loss = build_model_and_loss(config, n_classes=len(shards.index["speakers"]))
+    if config.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, list(model.parameters()) + list(loss.parameters()))
     data = BatchConfig(n_speakers=config.data.n_speakers, utts_per_speaker=config.data.utts_per_speaker,
                        max_frames=config.data.max_frames, max_seg_per_spk=config.data.max_seg_per_spk,
                        open_shards=config.data.open_shards, pool_factor=config.data.pool_factor, seed=config.train.seed)
-    per_epoch = train_loader(shards, data, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                             workers=config.data.workers).dataset.batches_per_epoch
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_epoch = train_loader(shards, data, rank=rank, world_size=world, workers=config.data.workers).dataset.batches_per_epoch
     scheduler = build_scheduler(config, optimizer, per_epoch // config.optim.grad_accum)
     model, loss, optimizer = accelerator.prepare(model, loss, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    if config.train.compile:
+        model = torch.compile(model)
+    augmenter = build_augmenter(config, accelerator)
+    augment_rng = GeneratorState(config.train.seed + 1000 * rank)
+    accelerator.register_for_checkpointing(scheduler, augment_rng)
 
     progress = Progress()
     checkpoint = latest_checkpoint(run_dir)
@@ -195,30 +248,35 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
         accelerator.load_state(str(checkpoint))
         progress = Progress.load(checkpoint / "progress.json")
         accelerator.print(f"resuming from {checkpoint} (epoch {progress.epoch}, step {progress.step})")
-    # The loader is not prepared: each rank reads its own streams, and the start position comes from progress.
-    loader = train_loader(shards, data, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                          workers=config.data.workers, start_batch=progress.batch, pin_memory=torch.cuda.is_available())
-    batches = iter(loader)
+    # The loader is not prepared: each rank reads its own streams; the start position comes from progress.
+    batches = iter(train_loader(shards, data, rank=rank, world_size=world, workers=config.data.workers,
+                                start_batch=progress.batch, pin_memory=torch.cuda.is_available()))
     stop = StopFlag()
-    metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
-    last_loss, stopped = float("nan"), False
+    metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator)
+    bar = EpochBar(accelerator.is_main_process)
+    last_loss, validations = float("nan"), []
+
+    def finish(stopped: bool) -> TrainResult:
+        bar.close()
+        accelerator.end_training()
+        return TrainResult(run_dir, progress, stopped, last_loss, validations)
 
     while progress.epoch < config.train.max_epoch:
         model.train()
         loss.train()
-        first_in_epoch = progress.batch - progress.epoch * per_epoch
-        for _ in range(first_in_epoch, per_epoch):
+        bar.start(progress.epoch, per_epoch, done=progress.batch - progress.epoch * per_epoch)
+        while progress.batch < (progress.epoch + 1) * per_epoch:
+            waited = time.perf_counter()
             batch = next(batches)
             started = time.perf_counter()
             with accelerator.accumulate(model, loss):
-                value, accuracy = training_step(model, loss, batch, accelerator, config)
+                value, accuracy = training_step(model, loss, batch, accelerator, config, augmenter, augment_rng.generator)
                 optimizer.step()
                 if config.schedule.interval == "step" and accelerator.sync_gradients and config.schedule.name != "plateau":
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             progress.batch += 1
-            if accelerator.sync_gradients:
-                progress.step += 1
+            progress.step += accelerator.sync_gradients
             last_loss = value
             if not math.isfinite(value):
                 raise SpeakeridError(
@@ -226,35 +284,87 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
                     f"{batch['keys'][:3]}…; last good checkpoint: {latest_checkpoint(run_dir) or 'none'}. "
                     "Lower optim.lr, check the data, or try train.mixed_precision=no"
                 )
+            ended = time.perf_counter()
+            record = {"loss": value, "accuracy": accuracy, "lr": optimizer.param_groups[0]["lr"],
+                      "utterances_per_s": batch["labels"].numel() * config.data.utts_per_speaker * world / (ended - waited),
+                      "data_wait": (started - waited) / (ended - waited)}
+            bar.update(record)
             if progress.step % config.train.log_every == 0:
-                metrics.write(step=progress.step, epoch=progress.epoch, loss=value, accuracy=accuracy,
-                              lr=optimizer.param_groups[0]["lr"],
-                              utterances_per_s=batch["labels"].numel() * config.data.utts_per_speaker
-                              * accelerator.num_processes / max(1e-9, time.perf_counter() - started))
-            every = config.train.save_every_steps
-            if (every and progress.step % every == 0) or stop or (stop_after_steps and progress.step >= stop_after_steps):
+                metrics.write(step=progress.step, epoch=progress.epoch, **record)
+            if stop or (stop_after_steps and progress.step >= stop_after_steps) or (
+                    config.train.save_every_steps and progress.step % config.train.save_every_steps == 0):
                 save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints)
                 if stop or (stop_after_steps and progress.step >= stop_after_steps):
-                    stopped = bool(stop)
-                    return TrainResult(run_dir, progress, stopped, last_loss)
+                    return finish(bool(stop))
             if config.train.max_steps and progress.step >= config.train.max_steps:
                 break
-        if progress.batch - progress.epoch * per_epoch >= per_epoch:
+        epoch_done = progress.batch >= (progress.epoch + 1) * per_epoch
+        if epoch_done:
             progress.epoch += 1
-            if config.schedule.interval == "epoch" and config.schedule.name != "plateau":
+            result = end_of_epoch(config, accelerator, model, loss, progress, run_dir, validate, export)
+            if result:
+                validations.append(result)
+                metrics.write(step=progress.step, epoch=progress.epoch, **result)
+            if config.schedule.name == "plateau":
+                if result:
+                    scheduler.step(result["eer"])
+            elif config.schedule.interval == "epoch":
                 scheduler.step()
         save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints)
-        if config.train.max_steps and progress.step >= config.train.max_steps:
+        if not epoch_done:  # max_steps reached inside the epoch
             break
-    return TrainResult(run_dir, progress, stopped, last_loss)
+    return finish(False)
 
 
-def training_step(model, loss, batch: dict, accelerator: Accelerator, config: Config) -> tuple[float, float]:
-    """int16 (N, M, L) → float on the device → embeddings (N·M, D) → loss on (N, M, D) → backward."""
+def end_of_epoch(config: Config, accelerator: Accelerator, model, loss, progress: Progress, run_dir: Path,
+                 validate, export) -> dict | None:
+    """Export the inference checkpoint; validate every test_interval epochs (when a trial list is set)."""
+    unwrapped = accelerator.unwrap_model(model)
+    if export is None:
+        export = default_export(config)
+    if accelerator.is_main_process and export is not False:
+        export(unwrapped, run_dir)
+    accelerator.wait_for_everyone()
+    if not config.validation.trials or progress.epoch % config.train.test_interval:
+        return None
+    if validate is None:
+        validate = default_validate(config)
+    model.eval()
+    result = validate(unwrapped, accelerator.unwrap_model(loss), accelerator)
+    model.train()
+    accelerator.print(f"epoch {progress.epoch}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    return {f"{k}": v for k, v in result.items()}
+
+
+def default_export(config: Config):
+    """Writes run_dir/export/ (safetensors + JSON) through speakerid.inference, when it is available."""
+    try:
+        from speakerid.inference import save_inference_checkpoint
+    except ImportError:
+        return False
+
+    def export(model, run_dir: Path) -> None:
+        save_inference_checkpoint(run_dir / "export", model, model_name=config.model.name,
+                                  model_options=config.model.options, loss_name=config.loss.name,
+                                  extra={"config": config.to_dict()})
+    return export
+
+
+def default_validate(config: Config):
+    from speakerid.evaluation import validation_metrics
+
+    return lambda model, loss, accelerator: validation_metrics(model, config, accelerator)
+
+
+def training_step(model, loss, batch: dict, accelerator: Accelerator, config: Config, augmenter=None,
+                  generator: torch.Generator | None = None) -> tuple[float, float]:
+    """int16 (N, M, L) → float on the device → (augmented) → embeddings (N·M, D) → loss on (N, M, D) → backward."""
     audio = batch["audio"].to(accelerator.device, non_blocking=True)
     labels = batch["labels"].to(accelerator.device, non_blocking=True)
     n, m, length = audio.shape
     waveforms = int16_to_float(audio.reshape(n * m, length))
+    if augmenter is not None:
+        waveforms = augmenter(waveforms, generator)
     with accelerator.autocast():
         embeddings = model(waveforms)
     value, accuracy = loss(embeddings.float().reshape(n, m, -1), labels)  # the loss in float32, outside autocast
@@ -277,12 +387,49 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: Progress,
 
 
 class MetricsLog:
-    """One JSON object per line in the run directory, written by the main process."""
+    """One JSON object per line in the run directory (main process), mirrored to Accelerate's trackers."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, accelerator: Accelerator) -> None:
+        self.path, self.accelerator = path, accelerator
 
     def write(self, **record) -> None:
-        if self.enabled:
+        if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        self.accelerator.log(scalars, step=record.get("step"))
+
+
+class EpochBar:
+    """A rich progress bar per epoch on the main process: loss, top-1, lr, utterances/s, data-wait %."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.progress = None
+        self.smoothed: dict[str, float] = {}
+
+    def start(self, epoch: int, total: int, done: int) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+        self.close()
+        self.progress = RichProgress(TextColumn(f"[bold]epoch {epoch + 1}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("", total=total, completed=done, stats="")
+
+    def update(self, record: dict) -> None:
+        if not self.progress:
+            return
+        for key, value in record.items():  # exponential moving average: a readable, steady display
+            self.smoothed[key] = value if key not in self.smoothed else 0.9 * self.smoothed[key] + 0.1 * value
+        s = self.smoothed
+        self.progress.update(self.task, advance=1, stats=(
+            f"loss {s['loss']:.3f} top1 {s['accuracy']:.1f}% lr {s['lr']:.2e} "
+            f"{s['utterances_per_s']:.0f} utt/s data-wait {100 * s['data_wait']:.0f}%"))
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+            self.progress = None

@@ -20,6 +20,7 @@ def test_yaml_then_overrides_with_seed_aliases(tmp_path):
     assert (config.optim.name, config.optim.lr) == ("sgd", 0.1)
     assert (config.train.mixed_precision, config.schedule.gamma, config.train.test_interval) == ("auto", 0.97, 1)
     assert isinstance(load_config(None, ["optim.lr=1"]).optim.lr, float)  # ints are accepted where floats are
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 0.001  # PyYAML reads 1e-3 as a string
 
 
 @pytest.mark.parametrize("override, message", [

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -9,7 +15,7 @@ from safetensors.torch import load_file
 from speakerid.data.lists import read_train_list
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.writer import pack
-from tests.conftest import run_module
+from tests.conftest import REPO, run_module
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +68,54 @@ def test_a_run_directory_of_another_config_is_refused_unless_forced(train_shards
     assert result.returncode == 2 and "another configuration (optim.lr: 0.01 → 0.5)" in result.stderr
     assert "--force" in result.stderr
     run_module("train", *_args(train_shards, tmp_path / "run"), "optim.lr=0.5", "--force", "--stop-after-steps", "2")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(*args, machines: int = 1, rank: int = 0, port: int, processes: int = 2, **kw) -> subprocess.Popen:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", str(machines), "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+           "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", *map(str, args)]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_ddp_step_equals_a_single_process_step_on_the_union_of_batches(train_shards, tmp_path):
+    process = _launch(REPO / "tests" / "scripts" / "ddp_step.py", train_shards, tmp_path, port=_free_port())
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    result = json.loads((tmp_path / "ddp.json").read_text())
+    assert result["world_size"] == 2 and result["ranks_identical"]
+    assert result["mean_rank_loss"] == pytest.approx(result["union_loss"], rel=1e-5)
+    assert result["max_param_change"] > 1e-4  # the step moved the weights …
+    assert result["max_param_difference"] < 1e-5  # … exactly as one process on the union would
+
+
+def test_two_processes_train_an_epoch_of_uneven_shards_without_hanging(train_shards, tmp_path):
+    process = _launch("-m", "train", *_args(train_shards, tmp_path / "run", "max_epoch=1"), port=_free_port())
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    assert "done: epoch 1" in output
+    assert list((tmp_path / "run" / "checkpoints").glob("step-*/model.safetensors"))
+
+
+def test_two_nodes_on_loopback(train_shards, tmp_path):
+    port = _free_port()
+    nodes = [_launch("-m", "train", *_args(train_shards, tmp_path / "run", "max_epoch=1"), machines=2, rank=r,
+                     port=port, processes=2) for r in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
+    assert "done: epoch 1" in outputs[0]
+    assert list((tmp_path / "run" / "checkpoints").glob("step-*/progress.json"))
+
+
+def test_a_nan_loss_stops_with_the_step_keys_and_last_checkpoint(train_shards, tmp_path):
+    result = run_module("train", *_args(train_shards, tmp_path / "run", "optim.name=sgd", "optim.lr=1e30",
+                                        "train.save_every_steps=1"), check=False)
+    assert result.returncode == 2, result.stderr
+    assert "loss is nan" in result.stderr.lower() and "at step" in result.stderr
+    assert "batch keys: [['id0" in result.stderr and "last good checkpoint:" in result.stderr
