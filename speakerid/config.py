@@ -41,6 +41,8 @@ class ModelSection:
 class LossSection:
     name: str = option("angleproto", "loss: a key of speakerid.losses.LOSSES")
     options: dict = option({}, "keyword arguments of the loss (nOut and nClasses are filled from the model and the data)")
+    margin_warmup_start: int = option(0, "am/aamsoftmax: margin 0 until this epoch, then rising linearly …")
+    margin_warmup_end: int = option(0, "… to loss.options.margin at this epoch (0: no warm-up)")
 
 
 @dataclass

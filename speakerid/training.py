@@ -60,6 +60,16 @@ def build_model_and_loss(config: Config, n_classes: int) -> tuple[torch.nn.Modul
     return model, build_loss(config.loss.name, **options)
 
 
+def margin_at(config: Config, epoch: int, final: float) -> float:
+    """Margin warm-up (as modern AAM recipes): 0 before margin_warmup_start, linear up to the end epoch."""
+    start, end = config.loss.margin_warmup_start, config.loss.margin_warmup_end
+    if end <= 0 or epoch >= end:
+        return final
+    if epoch < start:
+        return 0.0
+    return final * (epoch - start) / max(1, end - start)
+
+
 def build_optimizer(config: Config, parameters) -> torch.optim.Optimizer:
     o = config.optim
     if o.name == "sgd":
@@ -261,9 +271,15 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
         accelerator.end_training()
         return TrainResult(run_dir, progress, stopped, last_loss, validations)
 
+    final_margin = getattr(accelerator.unwrap_model(loss), "margin", None)
+    if config.loss.margin_warmup_end and not hasattr(accelerator.unwrap_model(loss), "set_margin"):
+        raise SpeakeridError(f"loss.margin_warmup_end is set but {config.loss.name} has no margin to warm up")
+
     while progress.epoch < config.train.max_epoch:
         model.train()
         loss.train()
+        if config.loss.margin_warmup_end:
+            accelerator.unwrap_model(loss).set_margin(margin_at(config, progress.epoch, final_margin))
         bar.start(progress.epoch, per_epoch, done=progress.batch - progress.epoch * per_epoch)
         while progress.batch < (progress.epoch + 1) * per_epoch:
             waited = time.perf_counter()
@@ -286,6 +302,7 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
                 )
             ended = time.perf_counter()
             record = {"loss": value, "accuracy": accuracy, "lr": optimizer.param_groups[0]["lr"],
+                      **({"margin": accelerator.unwrap_model(loss).margin} if config.loss.margin_warmup_end else {}),
                       "utterances_per_s": batch["labels"].numel() * config.data.utts_per_speaker * world / (ended - waited),
                       "data_wait": (started - waited) / (ended - waited)}
             bar.update(record)

@@ -25,9 +25,14 @@ class AAMSoftmax(SpeakerLoss):
     def __init__(self, *, nOut: int, nClasses: int, margin: float = 0.3, scale: float = 15.0,
                  easy_margin: bool = False) -> None:
         super().__init__()
-        self.margin, self.scale, self.easy_margin = margin, scale, easy_margin
+        self.scale, self.easy_margin = scale, easy_margin
         self.weight = nn.Parameter(torch.empty(nClasses, nOut))
         nn.init.xavier_normal_(self.weight, gain=1)
+        self.set_margin(margin)
+
+    def set_margin(self, margin: float) -> None:
+        """Change the margin (the training loop's margin warm-up); the fallback constants follow it."""
+        self.margin = margin
         self.cos_m, self.sin_m = math.cos(margin), math.sin(margin)
         self.th = math.cos(math.pi - margin)
         self.mm = math.sin(math.pi - margin) * margin

@@ -25,6 +25,10 @@ class AMSoftmax(SpeakerLoss):
         self.W = nn.Parameter(torch.empty(nOut, nClasses))
         nn.init.xavier_normal_(self.W, gain=1)
 
+    def set_margin(self, margin: float) -> None:
+        """Change the margin (the training loop's margin warm-up)."""
+        self.margin = margin
+
     def forward(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         x, labels = self.flatten(*self.check_input(x, labels))
         cosine = l2_normalise(x, dim=1) @ l2_normalise(self.W, dim=0)
