@@ -276,3 +276,7 @@ def option_reference() -> str:
             lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {f.metadata.get('help', '')}{alias} |")
         lines.append("")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m speakerid.config: print the option reference (README's is generated from it)
+    print(option_reference())
