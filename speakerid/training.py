@@ -350,7 +350,7 @@ def end_of_epoch(config: Config, accelerator: Accelerator, model, loss, progress
     result = validate(unwrapped, accelerator.unwrap_model(loss), accelerator)
     model.train()
     accelerator.print(f"epoch {progress.epoch}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-    return {f"{k}": v for k, v in result.items()}
+    return result
 
 
 def default_export(config: Config):
@@ -368,9 +368,31 @@ def default_export(config: Config):
 
 
 def default_validate(config: Config):
-    from speakerid.evaluation import validation_metrics
+    """EER and minDCF of the validation trials through speakerid.evaluation, on every process's share.
 
-    return lambda model, loss, accelerator: validation_metrics(model, config, accelerator)
+    The main process scores; its figures are broadcast so every rank steps a plateau schedule alike.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    from speakerid.evaluation import ExtractConfig, evaluate
+    from speakerid.inference import LoadedModel
+
+    def validate(model, loss, accelerator: Accelerator) -> dict:
+        loaded = LoadedModel(model=model, meta={"model": {"name": config.model.name}}, test_normalize=loss.test_normalize)
+        out_dir = Path(config.train.run_dir) / "validation"
+        extract = ExtractConfig(eval_frames=config.validation.eval_frames, num_eval=config.validation.num_eval,
+                                workers=0, channels_last=False)  # channels_last would convert the training weights
+        report = evaluate(loaded, [config.validation.trials], config.validation.audio, out_dir, extract,
+                          cache=None, accelerator=accelerator)
+        figures = [None]
+        if report is not None:
+            metrics = report.lists[0].metrics
+            figures = [{"eer": metrics.eer, "min_dcf_05": metrics.min_dcf_05, "min_dcf_01": metrics.min_dcf_01}]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(figures, from_process=0)
+        return figures[0]
+
+    return validate
 
 
 def training_step(model, loss, batch: dict, accelerator: Accelerator, config: Config, augmenter=None,
