@@ -1,4 +1,4 @@
-# The README's two commands:  make demo  (built-in corpus → shards → verify)  and  make test.
+# The README's two commands:  make demo  (built-in corpus → shards → train → evaluate)  and  make test.
 # Each creates .venv and installs what it needs; only Python 3.10+ is required on the machine.
 
 PYTHON ?= python3
@@ -18,21 +18,20 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,plot]"
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m speakerid.data.synthetic --out $(DEMO)/corpus --workers 2
-	$(PY) -m shardify pack --list $(DEMO)/corpus/train_list.txt --root $(DEMO)/corpus/wav --out $(DEMO)/shards/train --workers 2 --shard-size 16MB
-	$(PY) -m shardify pack --kind eval --trials $(DEMO)/corpus/trials.txt --root $(DEMO)/corpus/wav --out $(DEMO)/shards/eval --workers 2 --shard-size 16MB
+	$(PY) -m speakerid.demo --out $(DEMO)
 	$(PY) -m shardify verify $(DEMO)/shards/train
-	$(PY) -m shardify verify $(DEMO)/shards/eval
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/shardify_throughput.py
+	$(PY) benchmarks/loader_throughput.py
+	$(PY) benchmarks/model_throughput.py --batch 32 --steps 2
 
 clean-demo:
 	rm -rf $(DEMO)

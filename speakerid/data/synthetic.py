@@ -695,7 +695,7 @@ def _write_text(path: Path, text: str) -> None:
 # Command line
 
 
-def main(argv: Sequence[str] | None = None) -> CorpusInfo:
+def build_parser() -> argparse.ArgumentParser:
     defaults = CorpusSpec()
     parser = argparse.ArgumentParser(prog="python -m speakerid.data.synthetic",
                                      description="Write a deterministic synthetic VoxCeleb-shaped speaker corpus.")
@@ -712,6 +712,11 @@ def main(argv: Sequence[str] | None = None) -> CorpusInfo:
     parser.add_argument("--sample-rate", type=int, default=defaults.sample_rate)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--workers", type=int, default=1, help="processes (the output does not depend on it)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> CorpusInfo:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         spec = CorpusSpec(n_speakers=args.speakers, utts_per_speaker=args.utts, n_test_speakers=args.test_speakers,

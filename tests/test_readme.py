@@ -1,0 +1,75 @@
+"""Every command shown in the README's code blocks parses with the real parsers (and its keys exist)."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from speakerid.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+PARSERS = {"shardify": "shardify.__main__", "evaluate": "evaluate.__main__", "train": "train.__main__",
+           "speakerid.data.synthetic": "speakerid.data.synthetic", "speakerid.demo": "speakerid.demo",
+           "speakerid.config": None}
+
+
+def readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for command in re.sub(r"\\\n\s*", " ", block).splitlines():
+            command = re.sub(r"\s+#.*$", "", command).strip()
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
+def _check(argv: list[str], command: str) -> None:
+    argv = [a for a in argv if a not in ("…", "...")]
+    if argv[:2] == ["accelerate", "launch"]:
+        rest = argv[2:]
+        while rest and rest[0].startswith("-") and rest[0] != "-m":  # accelerate's own flags and their values
+            rest = rest[2:] if rest[0] in ("--num_processes", "--num_machines", "--machine_rank", "--main_process_ip") else rest[1:]
+        argv = ["python", "-m", *rest[1:]] if rest[:1] == ["-m"] else ["python", "-m", *rest]
+    if argv[0] == "make":
+        makefile = (REPO / "Makefile").read_text()
+        for target in argv[1:]:
+            if "=" not in target:
+                assert re.search(rf"^{re.escape(target)}:", makefile, flags=re.M), f"no make target {target!r}: {command}"
+        return
+    if argv[:1] == ["python"] and argv[1].startswith("benchmarks/"):
+        result = subprocess.run([sys.executable, argv[1], "--help"], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0, f"{command}: {result.stderr}"
+        return
+    if argv[:1] == ["accelerate"] or argv[:2] == ["pip", "install"]:
+        return  # accelerate's own commands (accelerate config), installs
+    assert argv[:2] == ["python", "-m"], f"unrecognised README command: {command}"
+    module, args = argv[2], argv[3:]
+    assert module in PARSERS, f"README shows python -m {module}, which is not a front door: {command}"
+    if PARSERS[module] is None:
+        return
+    parser = importlib.import_module(PARSERS[module]).build_parser()
+    try:
+        parsed = parser.parse_args(args)
+    except SystemExit as exit_:
+        raise AssertionError(f"README command does not parse: {command}") from exit_
+    if module == "train":
+        config = parsed.config and str(REPO / parsed.config)
+        load_config(config, parsed.overrides)  # every override names a real key
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_readme_command_parses(command):
+    _check(shlex.split(command.replace("$RANK", "0").replace("$HEAD", "127.0.0.1")), command)
+
+
+def test_the_readme_shows_the_three_jobs():
+    commands = " ".join(readme_commands())
+    for needed in ("make demo", "make test", "python -m shardify pack", "accelerate launch train", "python -m evaluate"):
+        assert needed in commands
