@@ -304,6 +304,19 @@ class TrainStream:
         config = self.config
         pool = Pool()
         emitted = 0
+
+        def drain(rng: np.random.Generator, pass_number: int, min_pool: float) -> Iterator[dict]:
+            """Draw batches while the pool holds min_pool tuples of at least N speakers."""
+            nonlocal emitted
+            while pool.size >= min_pool and pool.speakers >= config.n_speakers:
+                decode = emitted >= skip
+                batch = self._draw(pool, rng, pass_number, decode=decode)
+                if batch is None:
+                    return
+                emitted += 1
+                if decode:
+                    yield batch
+
         for pass_number in range(2**62):
             rng = np.random.default_rng([config.seed, self.stream, self.n_streams, pass_number])
             order = rng.permutation(self.plan.shards)
@@ -311,23 +324,10 @@ class TrainStream:
             samples = interleave(urls, config.open_shards, rng, self.faults)
             utterances = apply_quota(parse(samples, self.shards.encoding, config.crop_samples, rng, pass_number,
                                            self.faults), self.plan.quota)
-            target = config.pool_factor * config.n_speakers
             for t in group_tuples(utterances, config.utts_per_speaker):
                 pool.add(t)
-                while pool.size >= target and pool.speakers >= config.n_speakers:
-                    batch = self._draw(pool, rng, pass_number, decode=emitted >= skip)
-                    if batch is None:
-                        break
-                    if emitted >= skip:
-                        yield batch
-                    emitted += 1
-            while pool.speakers >= config.n_speakers:  # the pass is over: draw what it allows, carry the rest
-                batch = self._draw(pool, rng, pass_number, decode=emitted >= skip)
-                if batch is None:
-                    break
-                if emitted >= skip:
-                    yield batch
-                emitted += 1
+                yield from drain(rng, pass_number, config.pool_factor * config.n_speakers)
+            yield from drain(rng, pass_number, 0)  # the pass is over: draw what it allows, carry the rest
 
     def _draw(self, pool: Pool, rng: np.random.Generator, pass_number: int, decode: bool) -> dict | None:
         n, m, length = self.config.n_speakers, self.config.utts_per_speaker, self.config.crop_samples
