@@ -22,3 +22,12 @@ def test_demo_training_at_least_halves_the_held_out_eer(tmp_path, capsys):
     assert report.eer_after <= report.eer_before / 2, (report.eer_before, report.eer_after)
     assert report.checkpoint.joinpath("speakerid.json").exists() and report.scores.exists()
     assert (tmp_path / "demo" / "run" / "metrics.jsonl").read_text().count('"eer"') == 2  # validated at epochs 4, 8
+
+    # The trained checkpoint scores the same read from the audio tree as from the eval shards.
+    from speakerid.evaluation import ExtractConfig, evaluate
+    from speakerid.inference import load_inference_checkpoint
+
+    corpus = tmp_path / "demo" / "corpus"
+    from_tree = evaluate(load_inference_checkpoint(report.checkpoint), [corpus / "trials.txt"], corpus / "wav",
+                         tmp_path / "eval-tree", ExtractConfig(), cache=None)
+    assert from_tree.lists[0].metrics.eer == report.eer_after

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -119,3 +121,27 @@ def test_a_nan_loss_stops_with_the_step_keys_and_last_checkpoint(train_shards, t
     assert result.returncode == 2, result.stderr
     assert "loss is nan" in result.stderr.lower() and "at step" in result.stderr
     assert "batch keys: [['id0" in result.stderr and "last good checkpoint:" in result.stderr
+
+
+def test_sigusr1_checkpoints_exits_0_and_the_resumed_run_is_bit_identical(train_shards, tmp_path):
+    """SLURM pre-emption: SIGUSR1 saves at the next step and exits 0; re-running resumes exactly."""
+    run_module("train", *_args(train_shards, tmp_path / "whole", "train.log_every=1"))
+    run_dir = tmp_path / "signalled"
+    process = subprocess.Popen([sys.executable, "-m", "train", *_args(train_shards, run_dir, "train.log_every=1")],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):  # a few steps into the first epoch
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "stopped by signal; re-run the same command to resume" in stderr
+    resumed = run_module("train", *_args(train_shards, run_dir, "train.log_every=1"))
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    model_a, loss_a, name_a = _final_weights(tmp_path / "whole")
+    model_b, loss_b, name_b = _final_weights(run_dir)
+    assert name_a == name_b
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
