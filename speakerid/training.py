@@ -308,6 +308,11 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
             bar.update(record)
             if progress.step % config.train.log_every == 0:
                 metrics.write(step=progress.step, epoch=progress.epoch, **record)
+            if world > 1:  # every rank stops at the same step, whichever rank saw the signal
+                if stop:
+                    accelerator.set_trigger()
+                if accelerator.check_trigger():
+                    stop.event.set()
             if stop or (stop_after_steps and progress.step >= stop_after_steps) or (
                     config.train.save_every_steps and progress.step % config.train.save_every_steps == 0):
                 save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints)
@@ -328,8 +333,8 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
             elif config.schedule.interval == "epoch":
                 scheduler.step()
         save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints)
-        if not epoch_done:  # max_steps reached inside the epoch
-            break
+        if not epoch_done or (config.train.max_steps and progress.step >= config.train.max_steps):
+            break  # max_steps reached (inside an epoch or at its end)
     return finish(False)
 
 
