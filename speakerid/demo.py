@@ -3,7 +3,8 @@
     python -m speakerid.demo [--out data/demo] [--epochs 8] [key=value …]
 
 Generates the built-in synthetic corpus, packs training and evaluation shards with shardify, scores the
-untrained model on the held-out speakers' trials, trains ``configs/demo.yaml``, scores the trained model,
+untrained model on the held-out speakers' trials, trains ``configs/demo.yaml`` (``--workers`` are the
+corpus and packing processes; the recipe sets the DataLoader workers), scores the trained model,
 and prints one closing table: hours of audio, shards, training speed, the EER before and after, and where
 the checkpoint, scores and DET plot are. The test suite runs this same function at a reduced size.
 """
@@ -74,7 +75,7 @@ def run_demo(out: str | Path = "data/demo", *, spec: CorpusSpec = CorpusSpec(n_s
     run_dir = out / "run"
     config = load_config(RECIPE, [f"data.train_shards={train_shards}", f"validation.trials={corpus.trials}",
                                   f"validation.audio={eval_shards}", f"train.run_dir={run_dir}",
-                                  f"train.max_epoch={epochs}", f"data.workers={workers}", *overrides])
+                                  f"train.max_epoch={epochs}", *overrides])
 
     from speakerid.inference import save_inference_checkpoint
     from speakerid.training import build_model_and_loss, train
