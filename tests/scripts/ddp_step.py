@@ -53,7 +53,9 @@ if accelerator.is_main_process:
     (out / "ddp.json").write_text(json.dumps({
         "ranks_identical": bool((every_rank == every_rank[0]).all()),
         "world_size": accelerator.num_processes,
-        "mean_rank_loss": float(losses.mean()), "union_loss": float(ref_value),
+        "mean_rank_loss": float(losses.mean()), "union_loss": float(ref_value.detach()),
         "max_param_difference": float((params - ref_params).abs().max()),
         "max_param_change": float((ref_params - initial).abs().max()),
     }))
+accelerator.wait_for_everyone()
+accelerator.end_training()  # destroy the process group: a rank leaving with it alive can abort at exit

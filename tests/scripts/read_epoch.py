@@ -24,3 +24,4 @@ state.wait_for_everyone()  # both ranks reach the end of the epoch: no rank is l
     "rank": state.process_index, "world_size": state.num_processes, "batches": batches,
     "batches_per_epoch": loader.dataset.batches_per_epoch, "keys": keys,
 }))
+state.end_training()  # destroy the process group: a rank leaving with it alive can abort at exit
