@@ -280,7 +280,7 @@ def run_speakerid(args, accelerator, shards: ShardSet, augment: bool, banks) -> 
 
     def step(batch) -> float:
         with accelerator.accumulate(model, loss):
-            value, _ = training_step(model, loss, batch, accelerator, config, augmenter, generator)
+            value, _, _ = training_step(model, loss, batch, accelerator, config, augmenter, generator)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return value

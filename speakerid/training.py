@@ -286,7 +286,8 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
             batch = next(batches)
             started = time.perf_counter()
             with accelerator.accumulate(model, loss):
-                value, accuracy = training_step(model, loss, batch, accelerator, config, augmenter, augment_rng.generator)
+                value, accuracy, augmented = training_step(model, loss, batch, accelerator, config, augmenter,
+                                                           augment_rng.generator)
                 optimizer.step()
                 if config.schedule.interval == "step" and accelerator.sync_gradients and config.schedule.name != "plateau":
                     scheduler.step()
@@ -303,6 +304,7 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
             ended = time.perf_counter()
             record = {"loss": value, "accuracy": accuracy, "lr": optimizer.param_groups[0]["lr"],
                       **({"margin": accelerator.unwrap_model(loss).margin} if config.loss.margin_warmup_end else {}),
+                      **({"augmented": augmented} if augmenter is not None else {}),
                       "utterances_per_s": batch["labels"].numel() * config.data.utts_per_speaker * world / (ended - waited),
                       "data_wait": (started - waited) / (ended - waited)}
             bar.update(record)
@@ -407,15 +409,18 @@ def training_step(model, loss, batch: dict, accelerator: Accelerator, config: Co
     labels = batch["labels"].to(accelerator.device, non_blocking=True)
     n, m, length = audio.shape
     waveforms = int16_to_float(audio.reshape(n * m, length))
+    augmented = 0
     if augmenter is not None:
-        waveforms = augmenter(waveforms, generator)
+        plan = augmenter.draw(n * m, generator)
+        waveforms = augmenter.apply(waveforms, plan)
+        augmented = n * m - plan.counts()["none"]
     with accelerator.autocast():
         embeddings = model(waveforms)
     value, accuracy = loss(embeddings.float().reshape(n, m, -1), labels)  # the loss in float32, outside autocast
     accelerator.backward(value)
     if config.optim.grad_clip and accelerator.sync_gradients:
         accelerator.clip_grad_norm_(list(model.parameters()) + list(loss.parameters()), config.optim.grad_clip)
-    return float(value.detach()), float(accuracy)
+    return float(value.detach()), float(accuracy), augmented
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: Progress, keep: int) -> Path:

@@ -145,3 +145,33 @@ def test_sigusr1_checkpoints_exits_0_and_the_resumed_run_is_bit_identical(train_
     assert name_a == name_b
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
     assert all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
+
+
+def test_training_with_on_device_augmentation_from_noise_shards(train_shards, tmp_path):
+    """MUSAN-like and RIR banks packed by shardify feed the batched augmentation inside the training loop."""
+    import numpy as np
+    import soundfile
+
+    from speakerid.data.lists import scan_audio_tree
+
+    rng = np.random.default_rng(0)
+    banks = {}
+    for bank, categories in (("musan", ("noise", "speech", "music")), ("rirs", ("smallroom",))):
+        root = tmp_path / bank
+        for category in categories:
+            for i in range(3):
+                path = root / category / f"{category}-{i}.wav"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                length = 4000 if bank == "rirs" else 24000
+                soundfile.write(path, (rng.standard_normal(length) * 3000).astype(np.int16), 16000)
+        banks[bank] = tmp_path / f"{bank}-shards"
+        pack(make_plan(scan_audio_tree(root), root, PackConfig(kind="noise")), root, banks[bank])
+    result = run_module("train", *_args(train_shards, tmp_path / "run", "max_epoch=1", "train.log_every=1",
+                                        "augment.enabled=true",
+                                        f"augment.musan_shards={banks['musan']}", f"augment.rir_shards={banks['rirs']}"))
+    assert "done: epoch 1" in result.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    augmented = [r["augmented"] for r in records if "augmented" in r]
+    assert augmented and sum(augmented) > 0  # 4 of 5 utterances are augmented on average (the seed's 1/5 clean)
+    missing = run_module("train", *_args(train_shards, tmp_path / "run2", "augment.enabled=true"), check=False)
+    assert missing.returncode == 2 and "augment.enabled needs augment.musan_shards" in missing.stderr

@@ -31,7 +31,7 @@ model, loss, optimizer = accelerator.prepare(model, loss, optimizer)
 
 data = BatchConfig(n_speakers=4, utts_per_speaker=2, max_frames=20, seed=5)
 batch = next(iter(train_loader(shards, data, rank=accelerator.process_index, world_size=accelerator.num_processes)))
-value, _ = training_step(model, loss, batch, accelerator, config)
+value, _, _ = training_step(model, loss, batch, accelerator, config)
 optimizer.step()
 
 params = torch.cat([p.detach().flatten() for p in [*model.parameters(), *loss.parameters()]])
