@@ -164,4 +164,6 @@ def print_report(report) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from speakerid.runtime import exit_process
+
+    exit_process(main())

@@ -45,4 +45,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from speakerid.runtime import exit_process
+
+    exit_process(main())

@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 
 from speakerid.config import load_config
+from speakerid.runtime import exit_process
 from speakerid.data.batches import BatchConfig, train_loader
 from speakerid.data.shardset import ShardSet
 from speakerid.features import int16_to_float
@@ -58,4 +59,4 @@ if accelerator.is_main_process:
         "max_param_change": float((ref_params - initial).abs().max()),
     }))
 accelerator.wait_for_everyone()
-accelerator.end_training()  # destroy the process group: a rank leaving with it alive can abort at exit
+exit_process(0)  # see speakerid/runtime.py: gloo can abort a normal interpreter exit

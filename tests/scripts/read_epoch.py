@@ -7,6 +7,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from speakerid.data.batches import BatchConfig, train_loader
+from speakerid.runtime import exit_process
 from speakerid.data.shardset import ShardSet
 
 state = Accelerator()  # reads ACCELERATE_USE_CPU (PartialState alone does not)
@@ -24,4 +25,4 @@ state.wait_for_everyone()  # both ranks reach the end of the epoch: no rank is l
     "rank": state.process_index, "world_size": state.num_processes, "batches": batches,
     "batches_per_epoch": loader.dataset.batches_per_epoch, "keys": keys,
 }))
-state.end_training()  # destroy the process group: a rank leaving with it alive can abort at exit
+exit_process(0)  # see speakerid/runtime.py: gloo can abort a normal interpreter exit
