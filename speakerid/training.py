@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from speakerid.config import Config, diff_configs, save_config
-from speakerid.data.batches import BatchConfig, train_loader
+from speakerid.data.batches import BatchConfig, EpochMeter, train_loader, usable_utterances
 from speakerid.data.shardset import ShardSet
 from speakerid.errors import SpeakeridError
 from speakerid.features import int16_to_float
@@ -262,6 +262,8 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
     batches = iter(train_loader(shards, data, rank=rank, world_size=world, workers=config.data.workers,
                                 start_batch=progress.batch, pin_memory=torch.cuda.is_available()))
     stop = StopFlag()
+    # per-epoch coverage of this rank's share of the usable utterances, and damaged input skipped
+    meter = EpochMeter(usable_utterances(shards.index, data, world * max(1, config.data.workers)) // world)
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator)
     bar = EpochBar(accelerator.is_main_process)
     last_loss, validations = float("nan"), []
@@ -284,6 +286,7 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
         while progress.batch < (progress.epoch + 1) * per_epoch:
             waited = time.perf_counter()
             batch = next(batches)
+            meter.update(batch)
             started = time.perf_counter()
             with accelerator.accumulate(model, loss):
                 value, accuracy, augmented = training_step(model, loss, batch, accelerator, config, augmenter,
@@ -325,6 +328,12 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
         epoch_done = progress.batch >= (progress.epoch + 1) * per_epoch
         if epoch_done:
             progress.epoch += 1
+            data_report = meter.report()
+            metrics.write(step=progress.step, epoch=progress.epoch, **{f"data_{k}": v for k, v in data_report.items()})
+            if data_report.get("corrupt_members") or data_report.get("damaged_shards"):
+                accelerator.print(f"epoch {progress.epoch}: skipped {data_report['corrupt_members']} damaged member(s) "
+                                  f"and the rest of {data_report['damaged_shards']} damaged shard(s) (see the warnings)")
+            meter.next_epoch()
             result = end_of_epoch(config, accelerator, model, loss, progress, run_dir, validate, export)
             if result:
                 validations.append(result)

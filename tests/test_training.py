@@ -55,6 +55,7 @@ def test_resume_after_a_stop_is_bit_identical_to_an_uninterrupted_run(train_shar
 
 @pytest.mark.parametrize("extra, message", [
     (["model.name=ResNet999"], "unknown model 'ResNet999'"),
+    (["loss.name=angleprot"], "angleprot"),
     (["batch_size=40"], "data.n_speakers (batch_size) is 40 but the training shards hold 12 speakers"),
     (["nPerSpeaker=1"], "angleproto"),
     (["loss.name=triplet", "nPerSpeaker=3"], "triplet"),
@@ -173,5 +174,7 @@ def test_training_with_on_device_augmentation_from_noise_shards(train_shards, tm
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     augmented = [r["augmented"] for r in records if "augmented" in r]
     assert augmented and sum(augmented) > 0  # 4 of 5 utterances are augmented on average (the seed's 1/5 clean)
+    (epoch,) = [r for r in records if "data_coverage" in r]  # the reader's per-epoch report
+    assert epoch["data_coverage"] >= 0.9 and epoch["data_corrupt_members"] == epoch["data_damaged_shards"] == 0
     missing = run_module("train", *_args(train_shards, tmp_path / "run2", "augment.enabled=true"), check=False)
     assert missing.returncode == 2 and "augment.enabled needs augment.musan_shards" in missing.stderr
