@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from speakerid.config import Config, diff_configs, save_config
-from speakerid.data.batches import BatchConfig, EpochMeter, train_loader, usable_utterances
+from speakerid.data.batches import BatchConfig, EpochMeter, batches_per_epoch, train_loader, usable_utterances
 from speakerid.data.shardset import ShardSet
 from speakerid.errors import SpeakeridError
 from speakerid.features import int16_to_float
@@ -243,7 +243,7 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
                        max_frames=config.data.max_frames, max_seg_per_spk=config.data.max_seg_per_spk,
                        open_shards=config.data.open_shards, pool_factor=config.data.pool_factor, seed=config.train.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
-    per_epoch = train_loader(shards, data, rank=rank, world_size=world, workers=config.data.workers).dataset.batches_per_epoch
+    per_epoch = batches_per_epoch(shards.index, data, world, config.data.workers)
     scheduler = build_scheduler(config, optimizer, per_epoch // config.optim.grad_accum)
     model, loss, optimizer = accelerator.prepare(model, loss, optimizer)
     if config.train.compile:
