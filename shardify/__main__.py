@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pack", help="pack audio into tar shards (resumes when re-run)")
-    p.add_argument("--list", help="train: 'speaker relpath' lines; eval: 'relpath' or 'speaker relpath' lines")
+    p.add_argument("--list", help="train: 'speaker relpath' lines; eval: 'relpath' or 'speaker relpath' lines "
+                                  "(without it, every audio file under --root; train: speaker = first folder)")
     p.add_argument("--trials", nargs="+", default=[], help="eval: trial lists whose utterances to pack")
     p.add_argument("--root", required=True, help="folder the list's paths are relative to")
     p.add_argument("--out", required=True, help="shard directory (created; resumed if it holds this plan)")
@@ -134,9 +135,18 @@ def run_pack(args) -> int:
         resample=args.resample, downmix=args.downmix,
     )
     if args.kind == "train":
-        if not args.list:
-            raise SpeakeridError("--kind train needs --list (voxceleb_trainer's 'speaker relpath' train list)")
-        entries = lists.read_train_list(args.list)
+        if args.list:
+            entries = lists.read_train_list(args.list)
+        else:  # VoxCeleb's layout: SPEAKER/VIDEO/UTT.ext, the speaker is the first folder
+            entries = lists.scan_audio_tree(args.root)
+            flat = [e.relpath for e in entries if "/" not in e.relpath]
+            if flat:
+                raise SpeakeridError(
+                    f"{args.root}: {len(flat)} audio file(s) lie directly in --root (first: {flat[0]}), so their "
+                    "speaker is unknown; put each speaker's audio under a folder named after the speaker, or give "
+                    "--list with 'speaker relpath' lines")
+            console.print(f"no --list: {len(entries)} audio files under {args.root}, "
+                          f"{len({e.spk for e in entries})} speakers (the first folder of each path)")
     elif args.trials:
         entries = lists.entries_from_trials(args.trials) + (lists.read_eval_list(args.list) if args.list else [])
         entries = list({e.relpath: e for e in entries}.values())

@@ -378,3 +378,29 @@ def test_shard_size_targets_bytes(shardify, corpus, tmp_path):
     assert len(sizes) > 3
     assert max(sizes) < 400_000 * 1.05  # estimates are input file sizes; tar headers add ~1 kB an utterance
     assert np.mean(sizes[:-1]) > 400_000 * 0.6
+
+
+def test_train_without_a_list_takes_the_speaker_from_the_first_folder(shardify, corpus, tmp_path):
+    root = tmp_path / "tree"
+    entries = read_train_list(corpus.train_list)
+    for e in entries:  # only the training speakers (the corpus folder also holds the held-out ones)
+        (root / e.relpath).parent.mkdir(parents=True, exist_ok=True)
+        os.link(Path(corpus.root) / e.relpath, root / e.relpath)
+    pack_train(shardify, corpus, tmp_path / "listed", "--max-utts", 16)
+    result = shardify("pack", "--root", root, "--out", tmp_path / "scanned", "--max-utts", 16)
+    assert f"{len(entries)} audio files" in result.stdout + result.stderr
+    listed, scanned = load_index(tmp_path / "listed"), load_index(tmp_path / "scanned")
+    assert scanned["speakers"] == listed["speakers"]
+    assert scanned["totals"] == listed["totals"]
+    assert sorted((s["key"], s["meta"]["label"]) for s in read_shards(tmp_path / "scanned")) == \
+        sorted((s["key"], s["meta"]["label"]) for s in read_shards(tmp_path / "listed"))
+
+
+def test_train_without_a_list_refuses_files_without_a_speaker_folder(shardify, corpus, tmp_path):
+    root = tmp_path / "flat"
+    root.mkdir()
+    first = read_train_list(corpus.train_list)[0]
+    shutil.copy(Path(corpus.root) / first.relpath, root / "loose.wav")
+    result = shardify("pack", "--root", root, "--out", tmp_path / "o", check=False)
+    assert result.returncode == 2 and "loose.wav" in result.stderr and "--list" in result.stderr
+    assert not (tmp_path / "o").exists()
