@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -37,6 +36,9 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, matmul_flops_per_s, step_flops  # noqa: E402
 
 from speakerid.data.synthetic import CorpusSpec, generate_corpus  # noqa: E402
 from speakerid.evaluation import ExtractConfig, evaluate  # noqa: E402
@@ -75,11 +77,11 @@ class TestDataset(torch.utils.data.Dataset):
 
 
 def baseline(model, trials_path: Path, root: Path, eval_frames: int = 400, num_eval: int = 10, workers: int = 1,
-             test_normalize: bool = True) -> tuple[float, np.ndarray, float]:
+             test_normalize: bool = True, device: str = "cpu") -> tuple[float, np.ndarray, float]:
     """(EER %, scores, seconds spent scoring) the way voxceleb_trainer's evaluateFromList computes them."""
     from sklearn.metrics import roc_curve
 
-    model.eval()
+    model.to(device).eval()
     lines = open(trials_path).read().splitlines()
     files = sorted({name for line in lines for name in line.split()[-2:]})
     loader = torch.utils.data.DataLoader(TestDataset(files, str(root), eval_frames, num_eval), batch_size=1,
@@ -87,7 +89,7 @@ def baseline(model, trials_path: Path, root: Path, eval_frames: int = 400, num_e
     feats = {}
     for data in loader:
         with torch.no_grad():
-            feats[data[1][0]] = model(data[0][0]).detach().cpu()
+            feats[data[1][0]] = model(data[0][0].to(device)).detach().cpu()
     scoring_started = time.perf_counter()
     all_scores, all_labels = [], []
     for line in lines:
@@ -108,10 +110,11 @@ def baseline(model, trials_path: Path, root: Path, eval_frames: int = 400, num_e
 # --------------------------------------------------------------------------------------------- main
 
 
-def make_corpus(directory: Path, utterances: int, trials: int):
-    spec = CorpusSpec(n_speakers=0, utts_per_speaker=0, n_test_speakers=SPEAKERS,
-                      test_utts_per_speaker=math.ceil(utterances / SPEAKERS), videos_per_speaker=6,
-                      min_seconds=4.0, max_seconds=20.0, n_trials=trials, seed=1)
+def make_corpus(directory: Path, utterances: int, trials: int, speakers: int = SPEAKERS, min_seconds: float = 4.0,
+                max_seconds: float = 20.0):
+    spec = CorpusSpec(n_speakers=0, utts_per_speaker=0, n_test_speakers=speakers,
+                      test_utts_per_speaker=math.ceil(utterances / speakers), videos_per_speaker=6,
+                      min_seconds=min_seconds, max_seconds=max_seconds, n_trials=trials, seed=1)
     return generate_corpus(directory, spec, workers=max(1, os.cpu_count() or 1))
 
 
@@ -119,17 +122,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--utterances", type=int, default=4874, help="test utterances (VoxCeleb1-O: 4,874)")
     parser.add_argument("--trials", type=int, default=37720, help="trials (VoxCeleb1-O: 37,720)")
+    parser.add_argument("--speakers", type=int, default=SPEAKERS, help=f"test speakers (VoxCeleb1: {SPEAKERS})")
+    parser.add_argument("--min-seconds", type=float, default=4.0)
+    parser.add_argument("--max-seconds", type=float, default=20.0)
+    parser.add_argument("--eval-frames", type=int, default=400, help="crop frames, both systems (the seeds: 400)")
+    parser.add_argument("--num-eval", type=int, default=10, help="crops per utterance, both systems (the seeds: 10)")
     parser.add_argument("--corpus", default="/tmp/eval_speed_corpus", help="synthetic corpus folder (reused)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both systems")
     parser.add_argument("--workers", type=int, default=1, help="decoding workers, both systems")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="both systems (default: cuda when there is one; speakerid runs bf16 there, the baseline fp32)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     console = Console(width=160)
 
     started = time.perf_counter()
-    info = make_corpus(Path(args.corpus) / f"u{args.utterances}-t{args.trials}", args.utterances, args.trials)
+    info = make_corpus(Path(args.corpus) / f"u{args.utterances}-t{args.trials}-s{args.speakers}-"
+                                           f"{args.min_seconds:g}-{args.max_seconds:g}", args.utterances, args.trials,
+                       args.speakers, args.min_seconds, args.max_seconds)
+    protocol = f"{args.num_eval} × {args.eval_frames} frames"
     console.print(f"corpus: {info.n_utterances} utterances, {info.test_hours:.2f} h, {info.n_trials} trials "
                   f"({time.perf_counter() - started:.0f} s)")
     torch.manual_seed(0)
@@ -137,17 +151,27 @@ def main() -> None:
     checkpoint = save_inference_checkpoint(Path(args.corpus) / "ckpt", model, model_name="ResNetSE34L",
                                            model_options={"n_out": 512, "encoder_type": "SAP"}, loss_name="angleproto")
     loaded = load_inference_checkpoint(checkpoint)
-    rows, figures = [], {}
+    figures = {}
+
+    # The physical limit of the crops protocol: its counted forward FLOPs at the measured matmul rate, in the
+    # precision speakerid runs (bf16 on a GPU, float32 on a CPU).
+    crops = torch.zeros(args.num_eval, args.eval_frames * 160 + 240, device=device)
+    model.to(device)
+    rate = matmul_flops_per_s(device)
+    limit_seconds = info.n_utterances * step_flops(model, crops, backward=False) / rate
+    model.cpu()
 
     if not args.skip_baseline:
         t = time.perf_counter()
-        base_eer, base_scores, scoring = baseline(model, info.trials, info.root, workers=args.workers)
+        base_eer, base_scores, scoring = baseline(model, info.trials, info.root, args.eval_frames, args.num_eval,
+                                                  workers=args.workers, device=device)
         seconds = time.perf_counter() - t
         figures["baseline"] = {"seconds": seconds, "eer": base_eer, "extraction_seconds": seconds - scoring,
                                "scoring_seconds": scoring}
         console.print(f"baseline: {figures['baseline']}")
 
-    for name, config in (("speakerid 10×400 crops", ExtractConfig(eval_frames=400, num_eval=10, workers=args.workers)),
+    for name, config in (("speakerid crops", ExtractConfig(eval_frames=args.eval_frames, num_eval=args.num_eval,
+                                                             workers=args.workers)),
                          ("speakerid whole utterances", ExtractConfig(workers=args.workers))):
         t = time.perf_counter()
         out = Path(args.corpus) / "out" / name.split()[1]
@@ -156,7 +180,7 @@ def main() -> None:
         figures[name] = {"seconds": seconds, "eer": report.lists[0].metrics.eer,
                          "extraction_seconds": report.extraction.seconds,
                          "scoring_seconds": seconds - report.extraction.seconds}  # + file checks, writing outputs
-        if name.startswith("speakerid 10") and "baseline" in figures:
+        if name == "speakerid crops" and "baseline" in figures:
             scores = np.array([float(line.split()[0]) for line in open(report.lists[0].scores_path)])
             figures[name]["max_score_difference_vs_baseline"] = float(np.abs(scores - base_scores).max())
         console.print(f"{name}: {figures[name]}")
@@ -168,21 +192,27 @@ def main() -> None:
         table.add_column(column)
     base = figures.get("baseline")
     for name, figure in figures.items():
-        protocol = "whole utterances" if "whole" in name else "10 × 400 frames"
+        whole = "whole" in name
         speedup = f"{base['seconds'] / figure['seconds']:.2f}×" if base else "—"
-        delta = f"{abs(figure['eer'] - base['eer']):.4f}" if base and protocol.startswith("10") else "—"
-        table.add_row(name if name != "baseline" else "voxceleb_trainer-style baseline", protocol,
+        delta = f"{abs(figure['eer'] - base['eer']):.4f}" if base and not whole else "—"
+        table.add_row(name if name != "baseline" else "voxceleb_trainer-style baseline",
+                      "whole utterances" if whole else protocol,
                       f"{figure['seconds']:.1f}", speedup, f"{figure['extraction_seconds']:.1f}",
                       f"{figure['scoring_seconds']:.2f}", f"{figure['eer']:.4f}", delta)
     console.print(table)
+    console.print(f"physical limit of the {protocol} protocol: its counted forward FLOPs at the measured matmul rate "
+                  f"({rate / 1e12:.3f} TFLOP/s) = {limit_seconds:.1f} s")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    machine = platform.processor() or platform.machine()
-    console.print(f"command: python {shlex.join(sys.argv)}  (load average {load:.2f}, {machine}, torch {torch.__version__})")
+    about = machine()
+    console.print(f"command: python {shlex.join(sys.argv)}  ({about}; load average {load:.2f} at end)")
     if args.json:
         Path(args.json).write_text(json.dumps({"figures": figures, "utterances": info.n_utterances,
                                                "trials": info.n_trials, "hours": info.test_hours,
-                                               "threads": args.threads, "load_average": load,
-                                               "command": shlex.join(sys.argv)}, indent=1))
+                                               "threads": args.threads, "load_average": load, "device": str(device),
+                                               "limit_seconds": limit_seconds, "matmul_flops_per_s": rate,
+                                               "protocol": protocol,
+                                               "machine": about, "command": "python " + shlex.join(sys.argv)},
+                                              indent=1))
 
 
 if __name__ == "__main__":

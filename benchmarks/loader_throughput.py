@@ -33,12 +33,10 @@ import gc
 import json
 import math
 import os
-import platform
 import pstats
 import random
 import shlex
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -53,7 +51,9 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from speakerid.data.batches import BatchConfig, plan_streams, train_loader  # noqa: E402
+from common import cat_seconds, machine  # noqa: E402
+
+from speakerid.data.batches import BatchConfig, train_loader  # noqa: E402
 from speakerid.data.lists import read_train_list  # noqa: E402
 from speakerid.data.plan import PackConfig, make_plan  # noqa: E402
 from speakerid.data.shardset import ShardSet  # noqa: E402
@@ -255,11 +255,6 @@ def check_baseline(config: BatchConfig):
     return check
 
 
-def cat(files: list[Path]) -> None:
-    for i in range(0, len(files), 2000):
-        subprocess.run(["cat", *map(str, files[i:i + 2000])], stdout=subprocess.DEVNULL, check=True)
-
-
 def mean_member_bytes(shard_dir: Path, names: list[str], ext: str) -> float:
     """Mean size of the audio members (headers only are read)."""
     sizes = []
@@ -411,20 +406,6 @@ def profile_reader(shards: ShardSet, config: BatchConfig, n_batches: int, consol
 # ------------------------------------------------------------------------------------------------- main
 
 
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    return (f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f} at start")
-
-
 def best(runs: list[dict]) -> dict:
     """The run with the highest crops/s (others on a shared machine only ever slow a run down); memory: the max."""
     chosen = dict(max(runs, key=lambda r: r["crops_per_s"]))
@@ -485,10 +466,13 @@ def main() -> None:
         prep[f"pack_{encoding}_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    cat(inputs)  # warm the page cache: every figure below reads from memory
+    cat_seconds(inputs)  # warm the page cache: every figure below reads from memory
     for shards in shard_sets.values():
-        cat([Path(u) for u in shards.urls])
+        cat_seconds([Path(u) for u in shards.urls])
     prep["warm_s"] = time.perf_counter() - t
+    # The physical limit for a reader of shards: reading every shard's bytes from the page cache.
+    shard_read_s = {e: min(cat_seconds([Path(u) for u in shards.urls]) for _ in range(3))
+                    for e, shards in shard_sets.items()}
     input_mb = sum(p.stat().st_size for p in inputs) / MB
 
     ceilings = {}
@@ -519,7 +503,11 @@ def main() -> None:
                          "ratio": sid["crops_per_s"] / base["crops_per_s"],
                          "steady_ratio": (sid["steady_crops_per_s"] / base["steady_crops_per_s"]
                                           if sid["steady_crops_per_s"] and base["steady_crops_per_s"] else None),
-                         "idle_worker_mb": idle, "shards": len(shards), "mean_member_bytes": member_bytes[encoding]})
+                         "idle_worker_mb": idle, "shards": len(shards), "mean_member_bytes": member_bytes[encoding],
+                         # an epoch reads each shard at most once, so its crops at page-cache read speed:
+                         "page_cache_crops_per_s": sid["crops"] / shard_read_s[encoding],
+                         "shard_read_mb_per_s": sum(Path(u).stat().st_size for u in shards.urls) / MB
+                         / shard_read_s[encoding]})
     # After every timed run: the replay grows this process, and workers forked later would inherit that.
     with console.status("replaying the streams for the memory formula …"):
         for r in rows:
@@ -549,6 +537,9 @@ def main() -> None:
         "Epoch = from iter(loader) (worker fork and start-up included on both sides) to the last batch received; "
         "crops/s = crops delivered ÷ that time. RSS = VmHWM of each worker at the epoch's end (max over workers "
         "and repeats); idle = a worker of an empty DataLoader.")
+    console.print("page-cache read of the shards (the physical limit), crops/s: "
+                  + "; ".join(f"{r['encoding']} ×{r['workers']}: {r['page_cache_crops_per_s']:.0f} "
+                              f"({r['shard_read_mb_per_s']:.0f} MB/s)" for r in rows))
     if ceilings:
         console.print("DataLoader transport ceiling (workers only copy and hand over a ready (N, M, L) batch), crops/s: "
                       + "; ".join(f"{w} worker(s): int16 {c['int16']:.0f}, float32 {c['float32']:.0f}"

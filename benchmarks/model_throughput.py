@@ -25,6 +25,9 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, matmul_flops_per_s, step_flops  # noqa: E402
 
 from speakerid.models import build_model, summary  # noqa: E402
 
@@ -94,10 +97,19 @@ def main() -> None:
         model = build_model(name, **options).to(device).train()
         with console.status(f"{preset}: {args.warmup} warm-up + {args.steps} timed steps …"):
             seconds = time_steps(model, batch, args.steps, args.warmup, args.bf16)
+            flops = step_flops(model, batch[:2]) * batch_size / 2
         rows.append({"model": preset, "parameters": summary(model, show=False).n_parameters,
                      "step_s": seconds, "utts_per_s": batch_size / seconds,
-                     "audio_x_realtime": seconds_of_audio / seconds})
+                     "audio_x_realtime": seconds_of_audio / seconds, "step_flops": flops,
+                     "flops_per_s": flops / seconds})
         del model
+
+    # The physical limit: the device's measured dense matmul rate in the precision the steps ran in.
+    with console.status("measuring the matmul rate …"):
+        matmul_rate = matmul_flops_per_s(device, torch.bfloat16 if args.bf16 else torch.float32)
+    for row in rows:
+        row["limit_utts_per_s"] = matmul_rate / (row["step_flops"] / batch_size)
+        row["share_of_matmul_rate"] = row["flops_per_s"] / matmul_rate
 
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
@@ -105,18 +117,23 @@ def main() -> None:
         where = f"{platform.processor() or platform.machine()}, {args.threads} threads"
     table = Table(title=f"forward+backward, batch {batch_size} × {args.samples:,} samples, "
                         f"{'bf16 autocast' if args.bf16 else 'float32'}, {device} ({where}), torch {torch.__version__}")
-    for column in ("model", "parameters", "s / step", "utterances / s", "audio × realtime"):
+    for column in ("model", "parameters", "s / step", "utterances / s", "audio × realtime", "GFLOP / utt",
+                   "TFLOP/s", "share of matmul rate", "limit utt/s"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in rows:
         table.add_row(row["model"], f"{row['parameters'] / 1e6:.2f} M", f"{row['step_s']:.2f}",
-                      f"{row['utts_per_s']:.1f}", f"{row['audio_x_realtime']:.1f}")
+                      f"{row['utts_per_s']:.1f}", f"{row['audio_x_realtime']:.1f}",
+                      f"{row['step_flops'] / batch_size / 1e9:.2f}", f"{row['flops_per_s'] / 1e12:.3f}",
+                      f"{row['share_of_matmul_rate']:.0%}", f"{row['limit_utts_per_s']:.0f}")
     console.print(table)
     command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]).as_posix()), *sys.argv[1:]])
+    console.print(f"measured {'bf16' if args.bf16 else 'float32'} matmul rate: {matmul_rate / 1e12:.3f} TFLOP/s; FLOPs "
+                  "counted by torch's FlopCounterMode (convolutions and matmuls, forward + backward)")
     console.print(f"command: {command}", highlight=False, soft_wrap=True)
     if args.json:
         args.json.write_text(json.dumps({"command": command, "device": str(device), "where": where,
                                          "batch": batch_size, "samples": args.samples, "bf16": args.bf16,
-                                         "rows": rows}, indent=2))
+                                         "matmul_flops_per_s": matmul_rate, "machine": machine(), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

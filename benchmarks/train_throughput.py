@@ -65,7 +65,8 @@ from scipy import signal
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the loader benchmark's baseline pieces
 
-from loader_throughput import SpeakerTupleSampler, cat, load_crop, machine, seed_worker  # noqa: E402
+from common import cat_seconds, machine, matmul_flops_per_s, step_flops  # noqa: E402
+from loader_throughput import SpeakerTupleSampler, load_crop, seed_worker  # noqa: E402
 
 from speakerid.config import load_config  # noqa: E402
 from speakerid.data.batches import BatchConfig, train_loader  # noqa: E402
@@ -411,7 +412,7 @@ def main() -> None:
     prep["pack_s"] = time.perf_counter() - t
     t = time.perf_counter()
     bank_files = [Path(p) for p in glob.glob(str(root / "banks" / "**" / "*.wav"), recursive=True)]
-    cat(inputs + [Path(u) for u in shards.urls] + bank_files
+    cat_seconds(inputs + [Path(u) for u in shards.urls] + bank_files
         + [p for d in bank_shards for p in d.glob("*.tar")])  # page cache warm: every figure reads from memory
     prep["warm_s"] = time.perf_counter() - t
 
@@ -442,8 +443,20 @@ def main() -> None:
                      "median_ratio": base["median_step_s"] / sid["median_step_s"],
                      "all_utterances_per_s": {k: [r["utterances_per_s"] for r in v] for k, v in runs.items()}})
 
-    # ---- report
+    # ---- the physical limit: the network's counted FLOPs per utterance at the device's measured matmul rate
     crop = args.max_frames * 160 + 240
+    with console.status("counting FLOPs and measuring the matmul rate …"):
+        torch.manual_seed(args.seed)
+        probe, _ = build_model_and_loss(config_for(args, shard_dir, False, None), n_classes=len(label_of))
+        probe = probe.to(device).train()
+        flops_per_utt = step_flops(probe, torch.randn(2, crop, device=device)) / 2
+        del probe
+        matmul_rate = matmul_flops_per_s(device)  # bf16 on a GPU (what speakerid trains in there), float32 on a CPU
+    limit = {"flops_per_utterance": flops_per_utt, "matmul_flops_per_s": matmul_rate,
+             "matmul_dtype": "bf16" if device.type == "cuda" else "float32",
+             "utterances_per_s": matmul_rate / flops_per_utt}
+
+    # ---- report
     table = Table(title=(f"training throughput, ResNetSE34L + angleproto, Adam: N={args.n_speakers} × "
                          f"M={args.utts_per_speaker}"
                          f" crops of {crop} samples; {args.workers} loader workers; {args.steps} timed steps after "
@@ -471,6 +484,11 @@ def main() -> None:
             console.print(f"[yellow]note: the baseline crossed {r['baseline']['epoch_rollovers']} epoch end(s) "
                           f"({r['baseline']['batches_per_epoch']} batches an epoch; workers re-forked as in the seed): "
                           "a larger --corpus-speakers/--corpus-utts avoids it")
+    console.print(f"physical limit: {flops_per_utt / 1e9:.2f} GFLOP per utterance (forward + backward, counted) at the "
+                  f"measured {limit['matmul_dtype']} matmul rate {matmul_rate / 1e12:.3f} TFLOP/s = "
+                  f"{limit['utterances_per_s']:.0f} utterances/s; speakerid reaches "
+                  + ", ".join(f"{r['speakerid']['utterances_per_s'] / limit['utterances_per_s']:.0%} of it "
+                              f"(augmentation {'on' if r['augment'] else 'off'})" for r in rows))
     if args.device == "cpu":
         console.print("CPU: both sides run float32 (the seed's autocast is CUDA-only); the network's forward/backward "
                       "sets the pace here and the loader workers share the same cores, so ratios near 1 are expected.")
@@ -492,7 +510,7 @@ def main() -> None:
             "config": {k: v for k, v in vars(args).items() if k != "json" and not isinstance(v, Path)}
             | {"crop_samples": crop, "utterances": len(entries), "speakers": len(label_of), "hours": corpus.train_hours,
                "shards": len(shards)},
-            "preparation_s": prep, "rows": rows,
+            "preparation_s": prep, "rows": rows, "limit": limit,
         }, indent=1, default=str))
     shutil.rmtree(scratch, ignore_errors=True)  # a --corpus given by the user lies outside it and is kept
 

@@ -1,0 +1,66 @@
+"""benchmarks/run_all.py: every benchmark runs (tiny sizes) and lands in the one table; the README's table is its output.
+
+The figures of a smoke run mean nothing and are never compared with numbers: what is checked is that each
+benchmark script still runs against the current code, writes its figures, and that run_all turns them into
+one row set with a baseline, a ratio and a physical limit where the benchmark has them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import run_all  # noqa: E402
+
+
+def test_run_all_smoke_runs_every_benchmark_into_one_table(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\n\nafter\n")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--smoke", "--out",
+                           str(tmp_path / "out"), "--readme", str(readme), "--markdown", str(tmp_path / "table.md")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["failed"] == []
+    assert set(summary["seconds"]) == {"shardify", "loader", "model", "train", "eval"}
+    rows = summary["rows"]
+    by_start = {name: [r for r in rows if r["benchmark"].startswith(name)]
+                for name in ("shardify pack", "loader", "ResNetSE34L forward+backward", "training step", "evaluate")}
+    assert all(by_start.values()), by_start
+    for row in rows:
+        assert math.isfinite(row["speakerid"]) and row["speakerid"] >= 0, row
+    # every benchmark with a baseline reports the ratio; every one with a limit reports its share
+    for name in ("shardify pack", "loader", "training step", "evaluate"):
+        assert all(r["baseline"] > 0 and r["ratio"] > 0 for r in by_start[name]), by_start[name]
+    for name in ("shardify pack", "loader", "ResNetSE34L forward+backward", "training step"):
+        assert all(r["limit"] > 0 and r["limit_what"] and r["of_limit"] > 0 for r in by_start[name]), by_start[name]
+    assert any(r["limit"] for r in by_start["evaluate"])
+    # the README gets the same Markdown, between its markers, with the date, the machine and the command
+    table = (tmp_path / "table.md").read_text()
+    text = readme.read_text()
+    assert "old table" not in text and table in text and text.endswith("<!-- bench:end -->\n\nafter\n")
+    assert "run_all.py --smoke" in table and "cores" in table
+    assert table.count("\n| ") == len(rows) + 1  # header + one line per row
+
+
+def test_missing_readme_markers_are_one_clear_error(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    with pytest.raises(SystemExit, match="bench:begin"):
+        run_all.replace_between_markers(readme, "table\n")
+    assert readme.read_text() == "no markers here\n"
+
+
+def test_the_readme_table_is_run_all_output():
+    text = (ROOT / "README.md").read_text()
+    begin, end = text.index("<!-- bench:begin -->"), text.index("<!-- bench:end -->")
+    block = text[begin:end]
+    assert "by `python benchmarks/run_all.py" in block and "| benchmark | figure |" in block
