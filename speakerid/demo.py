@@ -1,6 +1,6 @@
 """The newcomer's path in one command (``make demo`` runs it): built-in corpus → shards → train → evaluate.
 
-    python -m speakerid.demo [--out data/demo] [--epochs 8] [key=value …]
+    python -m speakerid.demo [--out data/demo] [--epochs N] [key=value …]
 
 Generates the built-in synthetic corpus, packs training and evaluation shards with shardify, scores the
 untrained model on the held-out speakers' trials, trains ``configs/demo.yaml`` (``--workers`` are the
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -27,10 +27,12 @@ from speakerid.data.synthetic import CorpusSpec, generate_corpus
 from speakerid.data.writer import pack
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_CORPUS = CorpusSpec(n_speakers=200, utts_per_speaker=10, n_test_speakers=20)  # 2,000 held-out trials
 
 
 @dataclass
 class DemoReport:
+    recipe: str
     hours: float
     train_shards: int
     eval_shards: int
@@ -52,8 +54,9 @@ def _eer(checkpoint_dir: Path, trials: Path, audio: Path, out: Path):
     return report, report.lists[0].metrics
 
 
-def run_demo(out: str | Path = "data/demo", *, spec: CorpusSpec = CorpusSpec(n_speakers=40, utts_per_speaker=20),
-             epochs: int = 8, workers: int = 2, overrides: list[str] = (), console: Console | None = None) -> DemoReport:
+def run_demo(out: str | Path = "data/demo", *, spec: CorpusSpec = DEMO_CORPUS, epochs: int | None = None,
+             workers: int = 2, overrides: list[str] = (), console: Console | None = None) -> DemoReport:
+    """The whole demo; ``epochs`` None trains the recipe's ``train.max_epoch``."""
     console = console or Console(stderr=True)
     started = time.perf_counter()
     out = Path(out)
@@ -75,7 +78,7 @@ def run_demo(out: str | Path = "data/demo", *, spec: CorpusSpec = CorpusSpec(n_s
     run_dir = out / "run"
     config = load_config(RECIPE, [f"data.train_shards={train_shards}", f"validation.trials={corpus.trials}",
                                   f"validation.audio={eval_shards}", f"train.run_dir={run_dir}",
-                                  f"train.max_epoch={epochs}", *overrides])
+                                  *([f"train.max_epoch={epochs}"] if epochs else []), *overrides])
 
     from speakerid.inference import save_inference_checkpoint
     from speakerid.training import build_model_and_loss, train
@@ -91,6 +94,8 @@ def run_demo(out: str | Path = "data/demo", *, spec: CorpusSpec = CorpusSpec(n_s
     speeds = [r["utterances_per_s"] for r in records if "utterances_per_s" in r]
     report, after = _eer(run_dir, corpus.trials, eval_shards, out / "eval")
     return DemoReport(
+        recipe=f"{config.model.name} + {config.loss.name}, {config.train.max_epoch} epochs of "
+               f"N={config.data.n_speakers} × M={config.data.utts_per_speaker} ({RECIPE.name})",
         hours=corpus.hours, train_shards=len(train_plan.names), eval_shards=len(eval_plan.names),
         utterances_per_s=sum(speeds) / max(1, len(speeds)), eer_before=before.eer, eer_after=after.eer,
         min_dcf_after=after.min_dcf_05, checkpoint=result.run_dir / "export", scores=report.lists[0].scores_path,
@@ -100,7 +105,10 @@ def run_demo(out: str | Path = "data/demo", *, spec: CorpusSpec = CorpusSpec(n_s
 
 def print_report(report: DemoReport, console: Console) -> None:
     table = Table(title="speakerid demo", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # paths are printed whole, to be copied
     for row in (
+        ("trained", report.recipe),
         ("audio", f"{report.hours:.2f} h"),
         ("shards (train / eval)", f"{report.train_shards} / {report.eval_shards}"),
         ("training speed", f"{report.utterances_per_s:.0f} utterances/s"),
@@ -118,9 +126,9 @@ def print_report(report: DemoReport, console: Console) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m speakerid.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="data/demo")
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--speakers", type=int, default=40)
-    parser.add_argument("--utts", type=int, default=20)
+    parser.add_argument("--epochs", type=int, help="epochs to train (default: configs/demo.yaml's train.max_epoch)")
+    parser.add_argument("--speakers", type=int, default=DEMO_CORPUS.n_speakers, help="training speakers")
+    parser.add_argument("--utts", type=int, default=DEMO_CORPUS.utts_per_speaker, help="utterances per training speaker")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides of configs/demo.yaml")
     return parser
@@ -129,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> DemoReport:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
-    report = run_demo(args.out, spec=CorpusSpec(n_speakers=args.speakers, utts_per_speaker=args.utts),
+    report = run_demo(args.out, spec=replace(DEMO_CORPUS, n_speakers=args.speakers, utts_per_speaker=args.utts),
                       epochs=args.epochs, workers=args.workers, overrides=args.overrides, console=console)
     print_report(report, console)
     return report
