@@ -29,9 +29,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/shardify_throughput.py
-	$(PY) benchmarks/loader_throughput.py
-	$(PY) benchmarks/model_throughput.py --batch 32 --steps 2
+	$(PY) benchmarks/run_all.py $(if $(shell command -v nvidia-smi 2>/dev/null),--device cuda)
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -32,6 +32,12 @@ def readme_commands() -> list[str]:
 
 def _check(argv: list[str], command: str) -> None:
     argv = [a for a in argv if a not in ("…", "...")]
+    while argv and re.fullmatch(r"[A-Z_]+=.*", argv[0]):  # leading VAR=value environment assignments
+        argv = argv[1:]
+    if argv[:1] == ["sbatch"]:
+        scripts = [a for a in argv if a.endswith(".sbatch")]
+        assert scripts and all((REPO / s).is_file() for s in scripts), f"no such Slurm script: {command}"
+        return
     if argv[:2] == ["accelerate", "launch"]:
         rest = argv[2:]
         while rest and rest[0].startswith("-") and rest[0] != "-m":  # accelerate's own flags and their values
