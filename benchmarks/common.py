@@ -88,3 +88,31 @@ def step_flops(model: torch.nn.Module, batch: torch.Tensor, backward: bool = Tru
                 model(batch)
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
+
+
+def network_seconds(model: torch.nn.Module, batch: torch.Tensor, steps: int, warmup: int = 1, bf16: bool = False,
+                    backward: bool = True) -> float:
+    """Seconds per step of the network alone (no data, loss or optimizer): forward, and backward of a stand-in
+    scalar (the mean square of the embeddings) unless ``backward`` is false; ``steps`` timed after ``warmup``."""
+    device = batch.device
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(backward), torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                                                              enabled=bf16):
+            embeddings = model(batch)
+        if backward:
+            embeddings.float().square().mean().backward()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - start) / steps

@@ -17,7 +17,6 @@ import os
 import platform
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, matmul_flops_per_s, step_flops  # noqa: E402
+from common import machine, matmul_flops_per_s, network_seconds, step_flops  # noqa: E402
 
 from speakerid.models import build_model, summary  # noqa: E402
 
@@ -44,28 +43,6 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "ECAPA_TDNN_C1024": ("ECAPA_TDNN", {"channels": 1024}),
     "ResNet34": ("ResNet34", {}),
 }
-
-
-def time_steps(model: torch.nn.Module, batch: torch.Tensor, steps: int, warmup: int, bf16: bool) -> float:
-    """Seconds per forward+backward step, averaged over ``steps`` after ``warmup`` untimed ones."""
-    device = batch.device
-
-    def step() -> None:
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            embeddings = model(batch)
-        embeddings.float().square().mean().backward()
-
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
@@ -96,7 +73,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(name, **options).to(device).train()
         with console.status(f"{preset}: {args.warmup} warm-up + {args.steps} timed steps …"):
-            seconds = time_steps(model, batch, args.steps, args.warmup, args.bf16)
+            seconds = network_seconds(model, batch, args.steps, args.warmup, args.bf16)
             flops = step_flops(model, batch[:2]) * batch_size / 2
         rows.append({"model": preset, "parameters": summary(model, show=False).n_parameters,
                      "step_s": seconds, "utts_per_s": batch_size / seconds,

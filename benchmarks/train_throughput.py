@@ -65,7 +65,7 @@ from scipy import signal
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the loader benchmark's baseline pieces
 
-from common import cat_seconds, machine, matmul_flops_per_s, step_flops  # noqa: E402
+from common import cat_seconds, machine, matmul_flops_per_s, network_seconds, step_flops  # noqa: E402
 from loader_throughput import SpeakerTupleSampler, load_crop, seed_worker  # noqa: E402
 
 from speakerid.config import load_config  # noqa: E402
@@ -443,18 +443,31 @@ def main() -> None:
                      "median_ratio": base["median_step_s"] / sid["median_step_s"],
                      "all_utterances_per_s": {k: [r["utterances_per_s"] for r in v] for k, v in runs.items()}})
 
-    # ---- the physical limit: the network's counted FLOPs per utterance at the device's measured matmul rate
+    # ---- physical limits. The network's counted FLOPs per utterance at the device's measured matmul rate (bf16
+    # on a GPU, what speakerid trains in there; float32 on a CPU), and the network alone (forward + backward of
+    # the same batch, no data, loss or optimizer). On a CPU oneDNN runs 3×3 convolutions with Winograd-type
+    # algorithms, fewer multiplications than counted, so there the FLOP figure is no bound and the network alone is.
     crop = args.max_frames * 160 + 240
-    with console.status("counting FLOPs and measuring the matmul rate …"):
+    batch_size = args.n_speakers * args.utts_per_speaker
+    with console.status("the network alone, counted FLOPs and the matmul rate …"):
         torch.manual_seed(args.seed)
         probe, _ = build_model_and_loss(config_for(args, shard_dir, False, None), n_classes=len(label_of))
         probe = probe.to(device).train()
         flops_per_utt = step_flops(probe, torch.randn(2, crop, device=device)) / 2
-        del probe
-        matmul_rate = matmul_flops_per_s(device)  # bf16 on a GPU (what speakerid trains in there), float32 on a CPU
+        batch = 0.1 * torch.randn(batch_size, crop, device=device)
+        network_s = min(network_seconds(probe, batch, steps=max(2, args.steps // 3), warmup=1,
+                                        bf16=device.type == "cuda") for _ in range(args.repeats))
+        del probe, batch
+        matmul_rate = matmul_flops_per_s(device)
+    flop_bound = matmul_rate / flops_per_utt
+    network_bound = batch_size / network_s
     limit = {"flops_per_utterance": flops_per_utt, "matmul_flops_per_s": matmul_rate,
              "matmul_dtype": "bf16" if device.type == "cuda" else "float32",
-             "utterances_per_s": matmul_rate / flops_per_utt}
+             "flop_bound_utterances_per_s": flop_bound, "network_alone_utterances_per_s": network_bound}
+    if device.type == "cuda":
+        limit.update(utterances_per_s=flop_bound, what="counted FLOPs at the bf16 matmul rate")
+    else:
+        limit.update(utterances_per_s=network_bound, what="the network alone, forward + backward")
 
     # ---- report
     table = Table(title=(f"training throughput, ResNetSE34L + angleproto, Adam: N={args.n_speakers} × "
@@ -484,10 +497,11 @@ def main() -> None:
             console.print(f"[yellow]note: the baseline crossed {r['baseline']['epoch_rollovers']} epoch end(s) "
                           f"({r['baseline']['batches_per_epoch']} batches an epoch; workers re-forked as in the seed): "
                           "a larger --corpus-speakers/--corpus-utts avoids it")
-    console.print(f"physical limit: {flops_per_utt / 1e9:.2f} GFLOP per utterance (forward + backward, counted) at the "
+    console.print(f"limits: {flops_per_utt / 1e9:.2f} GFLOP per utterance (forward + backward, counted) at the "
                   f"measured {limit['matmul_dtype']} matmul rate {matmul_rate / 1e12:.3f} TFLOP/s = "
-                  f"{limit['utterances_per_s']:.0f} utterances/s; speakerid reaches "
-                  + ", ".join(f"{r['speakerid']['utterances_per_s'] / limit['utterances_per_s']:.0%} of it "
+                  f"{flop_bound:.0f} utterances/s; the network alone: {network_bound:.0f} utterances/s. Against "
+                  f"{limit['what']}, speakerid reaches "
+                  + ", ".join(f"{r['speakerid']['utterances_per_s'] / limit['utterances_per_s']:.0%} "
                               f"(augmentation {'on' if r['augment'] else 'off'})" for r in rows))
     if args.device == "cpu":
         console.print("CPU: both sides run float32 (the seed's autocast is CUDA-only); the network's forward/backward "
