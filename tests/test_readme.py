@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from speakerid.config import load_config
+from speakerid.errors import SpeakeridError
 
 REPO = Path(__file__).resolve().parents[1]
 PARSERS = {"shardify": "shardify.__main__", "evaluate": "evaluate.__main__", "train": "train.__main__",
@@ -79,3 +80,34 @@ def test_the_readme_shows_the_three_jobs():
     commands = " ".join(readme_commands())
     for needed in ("make demo", "make test", "python -m shardify pack", "accelerate launch train", "python -m evaluate"):
         assert needed in commands
+
+
+def test_the_readme_examples_of_a_new_model_and_loss_train(monkeypatch):
+    """The two files shown under "Adding a model or a loss", registered as the README says, train a step."""
+    import torch
+
+    from speakerid.losses import LOSSES
+    from speakerid.models import MODELS
+    from speakerid.training import build_model_and_loss
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Adding a model or a loss"):text.index("## Benchmarks")]
+    model_code, loss_code = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    model_ns, loss_ns = {}, {}
+    exec(compile(model_code, "README:tinycnn.py", "exec"), model_ns)
+    exec(compile(loss_code, "README:cosproto.py", "exec"), loss_ns)
+    monkeypatch.setitem(MODELS, "TinyCNN", model_ns["TinyCNN"])
+    monkeypatch.setitem(LOSSES, "cosproto", loss_ns["CosProto"])
+
+    config = load_config(None, ["model.name=TinyCNN", "model.options.n_out=32", "loss.name=cosproto",
+                                "loss.options.scale=20", "data.n_speakers=4", "data.utts_per_speaker=2"])
+    model, loss = build_model_and_loss(config, n_classes=10)
+    torch.manual_seed(0)
+    waveforms = 0.1 * torch.randn(8, 16240)
+    value, accuracy = loss(model(waveforms).reshape(4, 2, -1), torch.arange(4))
+    value.backward()
+    assert torch.isfinite(value) and 0 <= accuracy <= 100
+    assert all(p.grad is not None for p in model.fc.parameters())
+    with pytest.raises(SpeakeridError, match="scale"):  # options are type-checked like the built-in ones
+        build_model_and_loss(load_config(None, ["model.name=TinyCNN", "loss.name=cosproto",
+                                                "loss.options.scale=loud"]), n_classes=10)

@@ -44,7 +44,8 @@ def resolve_name(name: str) -> str:
 def model_options(name: str) -> dict[str, inspect.Parameter]:
     """The keyword options of model ``name`` (canonical spellings), with their defaults."""
     parameters = inspect.signature(MODELS[resolve_name(name)]).parameters
-    return {key: p for key, p in parameters.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD}
+    return {key: p for key, p in parameters.items()
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
 
 
 def canonical_options(name: str, options: dict[str, object]) -> dict[str, object]:
