@@ -83,6 +83,9 @@ def run_demo(out: str | Path = "data/demo", *, spec: CorpusSpec = DEMO_CORPUS, e
     from speakerid.inference import save_inference_checkpoint
     from speakerid.training import build_model_and_loss, train
 
+    from accelerate.utils import set_seed
+
+    set_seed(config.train.seed)  # as train() does: "before" is the network training starts from
     untrained, _ = build_model_and_loss(config, n_classes=spec.n_speakers)
     save_inference_checkpoint(out / "untrained", untrained, model_name=config.model.name,
                               model_options=config.model.options, loss_name=config.loss.name)
