@@ -339,7 +339,7 @@ class _ReadyBatches(torch.utils.data.IterableDataset):
             yield {"audio": torch.from_numpy(source.copy())}
 
 
-def transport_ceiling(config: BatchConfig, workers: int, dtype, batches: int = 16) -> float:
+def transport_ceiling(config: BatchConfig, workers: int, dtype, batches: int = 64) -> float:
     """Crops/s of a DataLoader whose workers do nothing but hand over batches (first batch excluded)."""
     shape = (config.n_speakers, config.utts_per_speaker, config.crop_samples)
     loader = torch.utils.data.DataLoader(_ReadyBatches(shape, dtype), batch_size=None, num_workers=workers)
@@ -479,7 +479,7 @@ def main() -> None:
     with console.status("DataLoader transport ceilings …"):
         for workers in args.workers:
             if workers:
-                ceilings[workers] = {name: max(transport_ceiling(config, workers, dtype) for _ in range(2))
+                ceilings[workers] = {name: max(transport_ceiling(config, workers, dtype) for _ in range(3))
                                      for name, dtype in (("int16", np.int16), ("float32", np.float32))}
 
     rows = []
