@@ -257,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(rows, header)
     if args.markdown:
         args.markdown.write_text(text)
-    if args.readme:
+    if args.readme and failed:
+        console.print(f"[red]{args.readme} left as it was: a table without {', '.join(failed)} is not the latest "
+                      "complete run[/red]")
+    elif args.readme:
         replace_between_markers(args.readme, text)
         console.print(f"table written into {args.readme}")
     (out / "summary.json").write_text(json.dumps({"command": command, "date": started.isoformat(timespec="seconds"),

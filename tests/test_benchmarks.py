@@ -69,3 +69,21 @@ def test_the_readme_table_is_run_all_output():
     begin, end = text.index("<!-- bench:begin -->"), text.index("<!-- bench:end -->")
     block = text[begin:end]
     assert "by `python benchmarks/run_all.py" in block and "| benchmark | figure |" in block
+
+
+
+def test_a_failed_benchmark_fails_the_run_and_leaves_the_readme_alone(tmp_path):
+    """--device cuda on this CPU-only torch: the model benchmark fails for real; no partial table lands."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA, where --device cuda fails")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:begin -->\nold table\n<!-- bench:end -->\n")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--smoke", "--device", "cuda",
+                           "--only", "model", "--out", str(tmp_path / "out"), "--readme", str(readme)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "model failed" in done.stdout and str(tmp_path / "out" / "model.log") in done.stdout.replace("\n", "")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["failed"] == ["model"]
+    assert readme.read_text() == "<!-- bench:begin -->\nold table\n<!-- bench:end -->\n"
