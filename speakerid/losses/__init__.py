@@ -27,6 +27,7 @@ from speakerid.losses.proxyanchor import ProxyAnchor
 from speakerid.losses.proxynca import ProxyNCA
 from speakerid.losses.softmax import Softmax
 from speakerid.losses.softmaxproto import SoftmaxProto
+from speakerid.options import fits_annotation
 
 LOSSES: dict[str, type[SpeakerLoss]] = {
     cls.name: cls
@@ -54,19 +55,10 @@ def loss_options(name: str) -> dict[str, object]:
 
 
 def _check_type(name: str, key: str, value: object, kind: object) -> object:
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:
-        ok = True
-    if not ok:
+    if not fits_annotation(value, kind):
         raise SpeakeridError(f"loss {name!r} option {key!r} must be {getattr(kind, '__name__', kind)}, "
                              f"got {value!r} ({type(value).__name__})")
-    return value
+    return float(value) if kind is float else value
 
 
 def build_loss(name: str, **kwargs: object) -> SpeakerLoss:

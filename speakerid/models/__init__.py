@@ -18,6 +18,7 @@ from speakerid.models.ecapa import ECAPATDNN
 from speakerid.models.resnet import ResNet34
 from speakerid.models.resnet_se import ResNetSE34, ResNetSE34L, ResNetSE34V2
 from speakerid.models.vggvox import VGGVox40
+from speakerid.options import fits_annotation
 
 MODELS: dict[str, type[nn.Module]] = {
     "ResNetSE34L": ResNetSE34L,
@@ -67,18 +68,7 @@ def canonical_options(name: str, options: dict[str, object]) -> dict[str, object
 
 
 def _check_type(model: str, key: str, value: object, annotation: object) -> None:
-    # YAML and CLI overrides can hand over "512" or 1 where 512 or True is meant: refuse rather than guess
-    if annotation is bool:
-        ok = isinstance(value, bool)
-    elif annotation is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif annotation is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif annotation is str:
-        ok = isinstance(value, str)
-    else:
-        ok = True
-    if not ok:
+    if not fits_annotation(value, annotation):
         raise SpeakeridError(f"model {model}: option {key}={value!r} should be of type {annotation.__name__}")
 
 
