@@ -41,11 +41,10 @@ def cat_seconds(files: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def page_cache_mb_per_s(files: list[Path], repeats: int = 3) -> float:
-    """Read speed of FILES from the page cache: one warming pass, then the best of ``repeats``."""
-    total = sum(f.stat().st_size for f in files) / 1e6
+def page_cache_seconds(files: list[Path], repeats: int = 3) -> float:
+    """Time to read FILES from the page cache: one warming pass, then the best of ``repeats``."""
     cat_seconds(files)
-    return total / min(cat_seconds(files) for _ in range(repeats))
+    return min(cat_seconds(files) for _ in range(repeats))
 
 
 def matmul_flops_per_s(device: torch.device | str, dtype: torch.dtype | None = None, size: int | None = None,

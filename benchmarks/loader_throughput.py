@@ -51,7 +51,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import cat_seconds, machine  # noqa: E402
+from common import cat_seconds, machine, page_cache_seconds  # noqa: E402
 
 from speakerid.data.batches import BatchConfig, train_loader  # noqa: E402
 from speakerid.data.lists import read_train_list  # noqa: E402
@@ -467,12 +467,9 @@ def main() -> None:
 
     t = time.perf_counter()
     cat_seconds(inputs)  # warm the page cache: every figure below reads from memory
-    for shards in shard_sets.values():
-        cat_seconds([Path(u) for u in shards.urls])
+    # ... and the physical limit for a reader of shards: reading every shard's bytes from the page cache
+    shard_read_s = {e: page_cache_seconds([Path(u) for u in shards.urls]) for e, shards in shard_sets.items()}
     prep["warm_s"] = time.perf_counter() - t
-    # The physical limit for a reader of shards: reading every shard's bytes from the page cache.
-    shard_read_s = {e: min(cat_seconds([Path(u) for u in shards.urls]) for _ in range(3))
-                    for e, shards in shard_sets.items()}
     input_mb = sum(p.stat().st_size for p in inputs) / MB
 
     ceilings = {}

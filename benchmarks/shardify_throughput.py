@@ -26,7 +26,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cat_seconds, machine  # noqa: E402
+from common import machine, page_cache_seconds  # noqa: E402
 
 from speakerid.data.lists import read_train_list  # noqa: E402
 from speakerid.data.plan import PackConfig, make_plan  # noqa: E402
@@ -76,8 +76,7 @@ def main() -> None:
     entries = read_train_list(corpus.train_list)
     inputs = [corpus.root / e.relpath for e in entries]
     input_mb = sum(p.stat().st_size for p in inputs) / 1e6
-    cat_seconds(inputs)  # warm the page cache: every figure below reads from memory
-    cat_in = min(cat_seconds(inputs) for _ in range(3))
+    cat_in = page_cache_seconds(inputs)  # and the cache is warm: every figure below reads from memory
 
     shard_bytes = 16 * 1024**2
     baselines = {}
@@ -95,8 +94,7 @@ def main() -> None:
             report = pack(plan, corpus.root, out, workers=workers)
             seconds = time.perf_counter() - start
             shards = [out / name for name in plan.names]
-            cat_seconds(shards)
-            cat_out = min(cat_seconds(shards) for _ in range(3))
+            cat_out = page_cache_seconds(shards)
             rows.append({
                 "encoding": encoding, "workers": workers, "utterances": len(entries), "input_mb": input_mb,
                 "output_mb": report.output_bytes / 1e6, "seconds": seconds, "mb_per_s": input_mb / seconds,

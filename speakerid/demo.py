@@ -27,7 +27,7 @@ from speakerid.data.synthetic import CorpusSpec, generate_corpus
 from speakerid.data.writer import pack
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-DEMO_CORPUS = CorpusSpec(n_speakers=200, utts_per_speaker=10, n_test_speakers=20)  # 2,000 held-out trials
+DEMO_CORPUS = CorpusSpec(n_speakers=200, utts_per_speaker=10, n_test_speakers=20)  # 1,800 held-out trials
 
 
 @dataclass
@@ -80,10 +80,10 @@ def run_demo(out: str | Path = "data/demo", *, spec: CorpusSpec = DEMO_CORPUS, e
                                   f"validation.audio={eval_shards}", f"train.run_dir={run_dir}",
                                   *([f"train.max_epoch={epochs}"] if epochs else []), *overrides])
 
+    from accelerate.utils import set_seed
+
     from speakerid.inference import save_inference_checkpoint
     from speakerid.training import build_model_and_loss, train
-
-    from accelerate.utils import set_seed
 
     set_seed(config.train.seed)  # as train() does: "before" is the network training starts from
     untrained, _ = build_model_and_loss(config, n_classes=spec.n_speakers)
