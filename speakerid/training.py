@@ -412,8 +412,11 @@ def default_validate(config: Config):
 
 
 def training_step(model, loss, batch: dict, accelerator: Accelerator, config: Config, augmenter=None,
-                  generator: torch.Generator | None = None) -> tuple[float, float]:
-    """int16 (N, M, L) → float on the device → (augmented) → embeddings (N·M, D) → loss on (N, M, D) → backward."""
+                  generator: torch.Generator | None = None) -> tuple[float, float, int]:
+    """int16 (N, M, L) → float on the device → (augmented) → embeddings (N·M, D) → loss on (N, M, D) → backward.
+
+    Returns (loss, accuracy %, utterances augmented). Reading the loss waits for the device once a step; the loop
+    needs it anyway, for the NaN check and the per-step rate."""
     audio = batch["audio"].to(accelerator.device, non_blocking=True)
     labels = batch["labels"].to(accelerator.device, non_blocking=True)
     n, m, length = audio.shape
