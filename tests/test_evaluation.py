@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -293,6 +294,33 @@ def test_cache_is_reused_and_invalidated_by_another_checkpoint(corpus, checkpoin
     report = evaluate(other, [corpus.trials, half], corpus.root, tmp_path / "other_out",
                       ExtractConfig(workers=0, trim_tolerance=0.05), cache=cache)
     assert report.extraction.embedded == 0 and [r.n_trials for r in report.lists] == [40, 20]
+
+
+def test_cache_is_keyed_by_the_audio_not_by_relative_paths(corpus, checkpoint, tree_run, tmp_path):
+    tree_out, _ = tree_run
+    other = tmp_path / "other_audio"  # the same relative paths holding other audio: each file gets another's
+    files = sorted(corpus.root.rglob("*.wav"))
+    for path, donor in zip(files, files[7:] + files[:7]):
+        (other / path.relative_to(corpus.root)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(donor, other / path.relative_to(corpus.root))
+    cache = tmp_path / "cache.safetensors"
+    cache.write_bytes((tree_out / "embeddings.safetensors").read_bytes())
+    loaded = load_inference_checkpoint(checkpoint)
+    report = evaluate(loaded, [corpus.trials], other, tmp_path / "b", ExtractConfig(workers=0), cache=cache)
+    assert report.extraction.embedded == 16 and "holds embeddings of other audio" in report.extraction.cache_note
+    fresh = evaluate(loaded, [corpus.trials], other, tmp_path / "fresh", ExtractConfig(workers=0), cache=None)
+    assert report.lists[0].metrics.eer == fresh.lists[0].metrics.eer
+    assert not np.allclose(scores_of(tmp_path / "b" / "scores-trials.txt"), scores_of(tree_out / "scores-trials.txt"))
+    again = evaluate(loaded, [corpus.trials], other, tmp_path / "b", ExtractConfig(workers=0), cache=cache)
+    assert again.extraction.embedded == 0 and again.extraction.cache_note == f"reused {cache}"
+    # one file rewritten in place (a new size or mtime): that utterance alone is embedded again
+    trial = read_trials(corpus.trials)[0]
+    shutil.copyfile(corpus.root / trial.test, other / trial.enroll)
+    changed = evaluate(loaded, [corpus.trials], other, tmp_path / "b", ExtractConfig(workers=0), cache=cache)
+    assert changed.extraction.embedded == 1 and "1 utterance(s) whose audio changed" in changed.extraction.cache_note
+    np.testing.assert_allclose(Embeddings.load(cache)[0].rows([utterance_key(trial.enroll)]),
+                               Embeddings.load(tree_out / "embeddings.safetensors")[0].rows([utterance_key(trial.test)]),
+                               atol=1e-5)
 
 
 def test_two_processes_give_the_scores_of_one(corpus, checkpoint, tree_run, tmp_path):
