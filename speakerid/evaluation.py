@@ -266,23 +266,25 @@ def prepare_item(key: str, samples: np.ndarray, config: ExtractConfig) -> np.nda
     """One utterance as the model sees it: ``(num_eval, L)`` crops, or ``(1, trimmed length)``."""
     if len(samples) < MIN_SAMPLES:
         raise SpeakeridError(f"utterance {key} has {len(samples)} samples; at least {MIN_SAMPLES} "
-                             f"({MIN_SAMPLES / config.sample_rate:.1f} s) are needed for an embedding")
+                             f"({MIN_SAMPLES / config.sample_rate:.1f} s) are needed for an embedding: replace it "
+                             "with the full recording, or remove the trials naming it")
     if config.eval_frames:
         return eval_crops(samples, config.eval_frames, config.num_eval)
     return samples[None, :trim_length(len(samples), config.trim_tolerance)].copy()  # not a view of its batch
 
 
-def _loader_items(loader, config: ExtractConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """Unpad eval_loader batches back into utterances (whole-utterance mode) and cut them the Embedder's way."""
+def _loader_items(loader, config: ExtractConfig, where: Callable[[str], str]) -> Iterator[tuple[str, np.ndarray]]:
+    """Unpad eval_loader batches back into utterances (whole-utterance mode) and cut them the Embedder's way;
+    ``where(key)`` names an utterance in an error."""
     for batch in loader:
         audio = batch["audio"].numpy()
         for row, (key, length) in enumerate(zip(batch["keys"], batch["lengths"].tolist())):
             if config.eval_frames:
                 if length < MIN_SAMPLES:
-                    prepare_item(key, np.zeros(length, np.int16), config)  # raises
+                    prepare_item(where(key), np.zeros(length, np.int16), config)  # raises
                 yield key, audio[row]
             else:
-                yield key, prepare_item(key, audio[row, :length], config)
+                yield key, prepare_item(where(key), audio[row, :length], config)
 
 
 # ------------------------------------------------------------------------------------------- processes
@@ -369,6 +371,10 @@ class AudioSource:
         shard_of = {k: s["sha256"][:16] for s in self.shards.index["shards"] for k in s["keys"]}
         return {key: shard_of[key] for key in relpaths}
 
+    def describe(self, key: str, relpath: str) -> str:
+        """An utterance as an error names it: with its file, or with its eval shards."""
+        return f"{key} ({self.root / relpath})" if self.shards is None else f"{key} in {self.location}"
+
     def check(self, wanted: dict[str, tuple[str, str]]) -> None:
         """``wanted``: key → (relpath, where it is named). Raise, counting every missing one, listing ten."""
         if self.shards is not None:
@@ -398,7 +404,7 @@ class AudioSource:
             return iter(())
         loader = eval_loader(source, loader_config, keys=keys, rank=world.rank, world_size=world.size,
                              workers=config.workers)
-        return _loader_items(loader, config)
+        return _loader_items(loader, config, lambda key: self.describe(key, relpaths[key]))
 
 
 # -------------------------------------------------------------------------------------------------- caching
@@ -571,8 +577,9 @@ def _cohort_items(scoring: ScoreConfig, config: ExtractConfig, world: _World) ->
 def cohort_embeddings(loaded: LoadedModel, scoring: ScoreConfig, config: ExtractConfig, world: _World, *,
                       cache: Path | None = None, progress: Progress | None = None) -> Embeddings | None:
     """The cohort's utterance embeddings (with their speakers) on the main process; cached like the trials'."""
-    where = scoring.cohort if scoring.cohort.startswith(("http://", "https://")) else str(Path(scoring.cohort).resolve())
-    settings = _cache_settings(loaded, config, world.device, cohort=where,
+    remote = scoring.cohort.startswith(("http://", "https://"))
+    settings = _cache_settings(loaded, config, world.device,
+                               cohort=scoring.cohort if remote else str(Path(scoring.cohort).resolve()),
                                cohort_speakers=scoring.cohort_speakers,
                                cohort_utts_per_speaker=scoring.cohort_utts_per_speaker)
     cached = _read_cache(cache, settings)[0] if world.is_main else None

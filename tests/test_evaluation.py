@@ -12,9 +12,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 from conftest import REPO, run_module
 
@@ -318,9 +320,9 @@ def test_cache_is_keyed_by_the_audio_not_by_relative_paths(corpus, checkpoint, t
     shutil.copyfile(corpus.root / trial.test, other / trial.enroll)
     changed = evaluate(loaded, [corpus.trials], other, tmp_path / "b", ExtractConfig(workers=0), cache=cache)
     assert changed.extraction.embedded == 1 and "1 utterance(s) whose audio changed" in changed.extraction.cache_note
+    donor = Embeddings.load(tree_out / "embeddings.safetensors")[0]
     np.testing.assert_allclose(Embeddings.load(cache)[0].rows([utterance_key(trial.enroll)]),
-                               Embeddings.load(tree_out / "embeddings.safetensors")[0].rows([utterance_key(trial.test)]),
-                               atol=1e-5)
+                               donor.rows([utterance_key(trial.test)]), atol=1e-5)
 
 
 def test_two_processes_give_the_scores_of_one(corpus, checkpoint, tree_run, tmp_path):
@@ -436,6 +438,39 @@ def test_bad_trial_lists_are_refused_before_any_audio_is_read(corpus, checkpoint
     unlabelled.write_text("".join(" ".join(line.split()[1:]) + "\n" for line in real.splitlines()))
     report = evaluate(loaded, [unlabelled], corpus.root, tmp_path / "out", ExtractConfig(workers=0))
     assert report.lists[0].metrics is None and len(scores_of(report.lists[0].scores_path)) == 40
+
+
+def damage_first_member(shard_dir, tmp_path):
+    """A copy of eval shards whose first audio member's bytes are overwritten (tar headers intact): (copy, key)."""
+    copy = tmp_path / "damaged_shards"
+    shutil.copytree(shard_dir, copy)
+    shard = sorted(copy.glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith((".flac", ".wav")))
+    with open(shard, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(b"\x55" * member.size)
+    return copy, shard.name, member.name.rsplit(".", 1)[0]
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_damaged_utterance_is_one_clear_message(corpus, checkpoint, eval_shards, tmp_path, workers):
+    tree = tmp_path / "tree"
+    shutil.copytree(corpus.root, tree)
+    trial = read_trials(corpus.trials)[0]
+    (tree / trial.enroll).write_bytes(os.urandom(5000))  # garbage where a wav should be
+    shards, shard_name, key = damage_first_member(eval_shards, tmp_path)
+    for audio, named in ((tree, [trial.enroll, "replace the file"]), (shards, [shard_name, key])):
+        result = run_module("evaluate", "--checkpoint", checkpoint, "--trials", corpus.trials, "--audio", audio,
+                            "--out", tmp_path / "out", "--no-cache", "--workers", workers, check=False, env=ONE_THREAD)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("error: ") and all(n in result.stderr for n in named), result.stderr
+    soundfile.write(tree / trial.enroll, np.zeros(100, np.int16), 16000)  # a cut recording: too short to embed
+    with pytest.raises(SpeakeridError, match=rf"utterance {utterance_key(trial.enroll)} \(.*{trial.enroll}\) has 100 "
+                                             "samples; .* replace it"):
+        evaluate(load_inference_checkpoint(checkpoint), [corpus.trials], tree, tmp_path / "out",
+                 ExtractConfig(workers=int(workers)), cache=None)
 
 
 def test_a_checkpoint_that_does_not_fit_fails_in_the_cli(corpus, tmp_path, capsys):
