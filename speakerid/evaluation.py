@@ -53,6 +53,7 @@ from speakerid.features import int16_to_float
 from speakerid.inference import LoadedModel
 from speakerid.metrics import DCF_P_TARGETS, Metrics, actual_dcf, check_trials, det_curve
 from speakerid.scoring import as_norm, cohort_mean, cosine_scores, crop_scores, subtract_mean, trial_indices
+from speakerid.tempfiles import remove_dead_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -798,6 +799,10 @@ def evaluate(loaded: LoadedModel, trials: Iterable[str | os.PathLike], audio: st
     cache_path = out_dir / "embeddings.safetensors" if cache == "default" else (Path(cache) if cache else None)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(out_dir)  # scores, summary, DET plot, cache of a run killed mid-write
+        if cache_path is not None:
+            for name in (cache_path.name, f"cohort-{cache_path.name}"):
+                remove_dead_temporaries(cache_path.parent, name)
     if scoring.as_norm and extract_config.eval_frames:
         raise SpeakeridError("--as-norm normalises cosine scores of whole utterances; the crop protocol "
                              "(--eval-frames) scores by distances: drop one of them")
@@ -872,6 +877,8 @@ def embed(loaded: LoadedModel, audio: str | os.PathLike, out_path: str | os.Path
     ``out_path``: safetensors (keys in its header) or ``.npy`` (+ ``.keys.txt``). (U, D), or (U, C, D) for crops."""
     world = _World.current(accelerator)
     source = AudioSource.open(audio)
+    if world.is_main:
+        remove_dead_temporaries(Path(out_path).parent, Path(out_path).name)
     if audio_list is not None:
         wanted = {utterance_key(e.relpath): (e.relpath, e.where) for e in read_eval_list(audio_list)}
         source.check(wanted)

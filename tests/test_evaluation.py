@@ -325,6 +325,43 @@ def test_cache_is_keyed_by_the_audio_not_by_relative_paths(corpus, checkpoint, t
                                donor.rows([utterance_key(trial.test)]), atol=1e-5)
 
 
+def dead_pid() -> int:
+    """The PID of a process that has exited (as a writer killed by a job's time limit has)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_temporaries_of_a_killed_run_are_removed_by_the_next(corpus, checkpoint, tree_run, tmp_path):
+    tree_out, _ = tree_run
+    out, export = tmp_path / "out", tmp_path / "export"
+    out.mkdir()
+    shutil.copyfile(tree_out / "embeddings.safetensors", out / "embeddings.safetensors")
+    dead = dead_pid()
+    stale = [out / f".{name}.tmp-{dead}" for name in ("embeddings.safetensors", "scores-trials.txt", "summary.json")]
+    stale += [out / f".det.tmp-{dead}.png", tmp_path / f".cohort-cache.safetensors.tmp-{dead}",
+              tmp_path / f".cache.safetensors.tmp-{dead}", tmp_path / f".e.safetensors.tmp-{dead}"]
+    stale += [export / f".model.safetensors.tmp-{dead}", export / f".speakerid.json.tmp-{dead}"]
+    with subprocess.Popen(["sleep", "120"]) as writer:  # a live writer's temporary stays
+        live = out / f".scores-trials.txt.tmp-{writer.pid}"
+        export.mkdir()
+        for path in stale + [live]:
+            path.write_bytes(b"half written")
+        loaded = load_inference_checkpoint(checkpoint)
+        report = evaluate(loaded, [corpus.trials], corpus.root, out, ExtractConfig(workers=0))
+        assert report.extraction.from_cache == 16
+        evaluate(loaded, [corpus.trials], corpus.root, out, ExtractConfig(workers=0), cache=tmp_path / "cache.safetensors")
+        listed = tmp_path / "one.txt"
+        listed.write_text(corpus.test_list.read_text().split()[0] + "\n")
+        assert evaluate_main(["--embed", "--checkpoint", str(checkpoint), "--audio", str(corpus.root), "--list",
+                              str(listed), "--out", str(tmp_path / "e.safetensors"), *FAST]) == 0
+        save(export)
+        assert live.exists()
+        writer.kill()
+    assert [p for p in stale if p.exists()] == []
+    assert (out / "scores-trials.txt").exists() and (export / "model.safetensors").exists()
+
+
 def test_two_processes_give_the_scores_of_one(corpus, checkpoint, tree_run, tmp_path):
     tree_out, _ = tree_run
     with socket.socket() as s:
