@@ -510,6 +510,17 @@ def test_a_damaged_utterance_is_one_clear_message(corpus, checkpoint, eval_shard
                  ExtractConfig(workers=int(workers)), cache=None)
 
 
+def test_a_trial_list_saved_with_a_bom_scores_as_without(corpus, checkpoint, tree_run, tmp_path):
+    tree_out, _ = tree_run
+    with_bom = tmp_path / "trials.txt"  # same stem: the same scores file name
+    with_bom.write_bytes(b"\xef\xbb\xbf" + corpus.trials.read_bytes())  # as Windows Notepad saves UTF-8
+    shutil.copyfile(tree_out / "embeddings.safetensors", tmp_path / "embeddings.safetensors")
+    report = evaluate(load_inference_checkpoint(checkpoint), [with_bom], corpus.root, tmp_path, ExtractConfig(workers=0))
+    assert report.lists[0].n_trials == corpus.n_trials and report.extraction.embedded == 0
+    assert report.lists[0].metrics.eer == summary_of(tree_out)["lists"][0]["metrics"]["eer"]
+    assert (tmp_path / "scores-trials.txt").read_text() == (tree_out / "scores-trials.txt").read_text()
+
+
 def test_a_checkpoint_that_does_not_fit_fails_in_the_cli(corpus, tmp_path, capsys):
     directory = save(tmp_path / "ckpt")
     meta = json.loads((directory / "speakerid.json").read_text())
