@@ -799,10 +799,10 @@ def evaluate(loaded: LoadedModel, trials: Iterable[str | os.PathLike], audio: st
     cache_path = out_dir / "embeddings.safetensors" if cache == "default" else (Path(cache) if cache else None)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        remove_dead_temporaries(out_dir)  # scores, summary, DET plot, cache of a run killed mid-write
+        # what a run killed mid-write left of its outputs: scores, summary, DET plot, embedding caches
+        remove_dead_temporaries(out_dir, [f"scores-{t.name}.txt" for t in lists] + ["summary.json", "det"])
         if cache_path is not None:
-            for name in (cache_path.name, f"cohort-{cache_path.name}"):
-                remove_dead_temporaries(cache_path.parent, name)
+            remove_dead_temporaries(cache_path.parent, [cache_path.name, f"cohort-{cache_path.name}"])
     if scoring.as_norm and extract_config.eval_frames:
         raise SpeakeridError("--as-norm normalises cosine scores of whole utterances; the crop protocol "
                              "(--eval-frames) scores by distances: drop one of them")
@@ -878,7 +878,7 @@ def embed(loaded: LoadedModel, audio: str | os.PathLike, out_path: str | os.Path
     world = _World.current(accelerator)
     source = AudioSource.open(audio)
     if world.is_main:
-        remove_dead_temporaries(Path(out_path).parent, Path(out_path).name)
+        remove_dead_temporaries(Path(out_path).parent, [Path(out_path).name])
     if audio_list is not None:
         wanted = {utterance_key(e.relpath): (e.relpath, e.where) for e in read_eval_list(audio_list)}
         source.check(wanted)

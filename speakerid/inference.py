@@ -111,8 +111,7 @@ def save_inference_checkpoint(directory: str | os.PathLike, model: nn.Module, *,
     except TypeError as error:
         raise SpeakeridError(f"checkpoint metadata must be JSON (model options, speakers, extra): {error}") from error
     directory.mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS_NAME, META_NAME):  # left by an export killed mid-write (e.g. a pre-empted epoch end)
-        remove_dead_temporaries(directory, name)
+    remove_dead_temporaries(directory, [WEIGHTS_NAME, META_NAME])  # an export killed mid-write (a pre-empted epoch end)
     weights = directory / WEIGHTS_NAME
     tmp = directory / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
     save_file(state, str(tmp), metadata={"format": FORMAT})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -26,15 +27,17 @@ def pid_running(pid: int) -> bool:
     return True
 
 
-def remove_dead_temporaries(directory: str | os.PathLike, name: str | None = None) -> int:
-    """Remove the temporaries in ``directory`` (of ``name`` only, when given) whose writer is gone; how many."""
+def remove_dead_temporaries(directory: str | os.PathLike, names: Iterable[str]) -> int:
+    """Remove the temporaries of ``names`` (``det`` for ``.det.tmp-PID.png``) in ``directory`` whose writer is
+    gone; how many."""
+    names = set(names)
     directory = Path(directory)
     if not directory.is_dir():
         return 0
     removed = 0
     for path in directory.iterdir():
         match = TEMPORARY.match(path.name)
-        if match is None or (name is not None and match["name"] != name) or not path.is_file():
+        if match is None or match["name"] not in names or not path.is_file():
             continue
         if int(match["pid"]) != os.getpid() and not pid_running(int(match["pid"])):
             path.unlink(missing_ok=True)

@@ -344,8 +344,9 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next(corpus, checkpoint,
     stale += [export / f".model.safetensors.tmp-{dead}", export / f".speakerid.json.tmp-{dead}"]
     with subprocess.Popen(["sleep", "120"]) as writer:  # a live writer's temporary stays
         live = out / f".scores-trials.txt.tmp-{writer.pid}"
+        other = out / f".notes.txt.tmp-{dead}"  # not an output of evaluate: not its to remove
         export.mkdir()
-        for path in stale + [live]:
+        for path in stale + [live, other]:
             path.write_bytes(b"half written")
         loaded = load_inference_checkpoint(checkpoint)
         report = evaluate(loaded, [corpus.trials], corpus.root, out, ExtractConfig(workers=0))
@@ -356,7 +357,7 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next(corpus, checkpoint,
         assert evaluate_main(["--embed", "--checkpoint", str(checkpoint), "--audio", str(corpus.root), "--list",
                               str(listed), "--out", str(tmp_path / "e.safetensors"), *FAST]) == 0
         save(export)
-        assert live.exists()
+        assert live.exists() and other.exists()
         writer.kill()
     assert [p for p in stale if p.exists()] == []
     assert (out / "scores-trials.txt").exists() and (export / "model.safetensors").exists()
