@@ -69,8 +69,8 @@ def _load_reason(error: Exception) -> str:
     text = str(error)
     refused = re.search(r"GLOBAL ([\w.]+)", text)
     if refused:
-        return (f"Unsupported global {refused.group(1)}: the file is a pickle that needs code, not a plain weights file "
-                "(nothing in it was run)")
+        return (f"Unsupported global {refused.group(1)}: the file is a pickle that needs code, not a plain weights "
+                "file (nothing in it was run)")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in lines:
         if "WeightsUnpickler error:" in line:
