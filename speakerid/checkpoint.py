@@ -12,6 +12,8 @@ plain containers is refused with the loader's reason.
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 MODEL_PREFIX = "__S__."
 LOSS_PREFIX = "__L__."
 LISTED = 10  # keys named per category in an error message; the rest are counted
+GENERIC_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")  # torch's paragraphs
 
 
 def read_voxceleb_trainer_state(path: str | Path) -> dict[str, Tensor]:
@@ -35,7 +38,9 @@ def read_voxceleb_trainer_state(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise SpeakeridError(f"{path}: no such checkpoint file")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # the refusal below says what matters; torch's protocol warning is noise
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError, RuntimeError (bad zip), EOFError…: all mean "not a safe weights file"
         raise SpeakeridError(f"{path}: refused by torch.load(weights_only=True): {_load_reason(error)}; "
                              f"speakerid never unpickles code, so re-save the weights from a trusted "
@@ -60,12 +65,20 @@ def read_voxceleb_trainer_state(path: str | Path) -> dict[str, Tensor]:
 
 
 def _load_reason(error: Exception) -> str:
-    """The informative line of torch.load's message (its first lines are generic advice)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    """The refused global, or else the informative line of torch.load's message (its first lines are generic advice)."""
+    text = str(error)
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"Unsupported global {refused.group(1)}: the file is a pickle that needs code, not a plain weights "
+                "file (nothing in it was run)")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in lines:
         if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].split(". Please use", 1)[0].strip()
-    return lines[0] if lines else type(error).__name__
+            reason = line.split("WeightsUnpickler error:", 1)[1].split(". Please use", 1)[0].strip()
+            if reason:
+                return reason
+    informative = [line for line in lines if not line.startswith(GENERIC_ADVICE)]
+    return informative[0] if informative else type(error).__name__
 
 
 def _strip_module(key: str) -> str:

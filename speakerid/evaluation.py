@@ -18,8 +18,10 @@ launch`` (each reads its share; the main process gathers, scores and writes). Tw
   trial's score is the seeds' −mean of the C×C crop distances (after L2 normalisation when the loss's
   ``test_normalize`` says so).
 
-Embeddings are cached in a safetensors file keyed by the sha256 of the weights and the extraction settings:
-a second run embeds only what the cache lacks; another checkpoint or other settings rebuild it.
+Embeddings are cached in a safetensors file keyed by the sha256 of the weights, the extraction settings and
+the audio (its resolved folder, index path or URL, and per utterance its file's size and mtime or its shard's
+sha256): a second run embeds only what the cache lacks or what changed; another checkpoint, other settings or
+other audio rebuild it.
 Scoring is a matrix product over all trials (``speakerid.scoring``), optionally after subtracting a cohort's
 mean embedding and with adaptive s-norm (AS-Norm) against per-speaker cohort means (whole utterances only).
 """
@@ -51,6 +53,7 @@ from speakerid.features import int16_to_float
 from speakerid.inference import LoadedModel
 from speakerid.metrics import DCF_P_TARGETS, Metrics, actual_dcf, check_trials, det_curve
 from speakerid.scoring import as_norm, cohort_mean, cosine_scores, crop_scores, subtract_mean, trial_indices
+from speakerid.tempfiles import remove_dead_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -264,23 +267,25 @@ def prepare_item(key: str, samples: np.ndarray, config: ExtractConfig) -> np.nda
     """One utterance as the model sees it: ``(num_eval, L)`` crops, or ``(1, trimmed length)``."""
     if len(samples) < MIN_SAMPLES:
         raise SpeakeridError(f"utterance {key} has {len(samples)} samples; at least {MIN_SAMPLES} "
-                             f"({MIN_SAMPLES / config.sample_rate:.1f} s) are needed for an embedding")
+                             f"({MIN_SAMPLES / config.sample_rate:.1f} s) are needed for an embedding: replace it "
+                             "with the full recording, or remove the trials naming it")
     if config.eval_frames:
         return eval_crops(samples, config.eval_frames, config.num_eval)
     return samples[None, :trim_length(len(samples), config.trim_tolerance)].copy()  # not a view of its batch
 
 
-def _loader_items(loader, config: ExtractConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """Unpad eval_loader batches back into utterances (whole-utterance mode) and cut them the Embedder's way."""
+def _loader_items(loader, config: ExtractConfig, where: Callable[[str], str]) -> Iterator[tuple[str, np.ndarray]]:
+    """Unpad eval_loader batches back into utterances (whole-utterance mode) and cut them the Embedder's way;
+    ``where(key)`` names an utterance in an error."""
     for batch in loader:
         audio = batch["audio"].numpy()
         for row, (key, length) in enumerate(zip(batch["keys"], batch["lengths"].tolist())):
             if config.eval_frames:
                 if length < MIN_SAMPLES:
-                    prepare_item(key, np.zeros(length, np.int16), config)  # raises
+                    prepare_item(where(key), np.zeros(length, np.int16), config)  # raises
                 yield key, audio[row]
             else:
-                yield key, prepare_item(key, audio[row, :length], config)
+                yield key, prepare_item(where(key), audio[row, :length], config)
 
 
 # ------------------------------------------------------------------------------------------- processes
@@ -353,6 +358,24 @@ class AudioSource:
             return {k for s in self.shards.index["shards"] for k in s["keys"]}
         return {utterance_key(e.relpath) for e in scan_audio_tree(self.root)}
 
+    def identity(self) -> str:
+        """The audio as the embedding cache records it: the resolved folder or index path, or the URL."""
+        if self.location.startswith(("http://", "https://")):
+            return self.location
+        return str(Path(self.location).resolve())
+
+    def fingerprints(self, relpaths: dict[str, str]) -> dict[str, str]:
+        """key → a cheap content fingerprint: its file's size and mtime, or its shard's sha256 (from the index)."""
+        if self.shards is None:
+            stats = {key: (self.root / rel).stat() for key, rel in relpaths.items()}  # one stat per file
+            return {key: f"{st.st_size}-{st.st_mtime_ns}" for key, st in stats.items()}
+        shard_of = {k: s["sha256"][:16] for s in self.shards.index["shards"] for k in s["keys"]}
+        return {key: shard_of[key] for key in relpaths}
+
+    def describe(self, key: str, relpath: str) -> str:
+        """An utterance as an error names it: with its file, or with its eval shards."""
+        return f"{key} ({self.root / relpath})" if self.shards is None else f"{key} in {self.location}"
+
     def check(self, wanted: dict[str, tuple[str, str]]) -> None:
         """``wanted``: key → (relpath, where it is named). Raise, counting every missing one, listing ten."""
         if self.shards is not None:
@@ -382,7 +405,7 @@ class AudioSource:
             return iter(())
         loader = eval_loader(source, loader_config, keys=keys, rank=world.rank, world_size=world.size,
                              workers=config.workers)
-        return _loader_items(loader, config)
+        return _loader_items(loader, config, lambda key: self.describe(key, relpaths[key]))
 
 
 # -------------------------------------------------------------------------------------------------- caching
@@ -396,38 +419,53 @@ def _cache_settings(loaded: LoadedModel, config: ExtractConfig, device: torch.de
             "channels_last": config.channels_last, "sample_rate": config.sample_rate, **extra}
 
 
-def _read_cache(path: Path | None, settings: dict) -> tuple[Embeddings | None, str]:
+def _read_cache(path: Path | None, settings: dict) -> tuple[Embeddings | None, dict, str]:
+    """(cached embeddings, their per-key audio fingerprints, why the cache was (not) reused)."""
     if path is None:
-        return None, "no cache"
+        return None, {}, "no cache"
     if not path.exists():
-        return None, f"new cache {path}"
+        return None, {}, f"new cache {path}"
     try:
         cached, meta = Embeddings.load(path)
     except SpeakeridError as error:
-        return None, f"unreadable cache rebuilt ({error})"
+        return None, {}, f"unreadable cache rebuilt ({error})"
     stored = meta.get("settings", {})
     if stored.get("weights_sha256") != settings["weights_sha256"]:
-        return None, f"the checkpoint changed since {path} was written: cache rebuilt"
+        return None, {}, f"the checkpoint changed since {path} was written: cache rebuilt"
+    if stored.get("audio") != settings.get("audio"):
+        return None, {}, f"{path} holds embeddings of other audio ({stored.get('audio')}): cache rebuilt"
     if stored != settings:
         changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
-        return None, f"extraction settings changed ({', '.join(changed)}): cache rebuilt"
-    return cached, f"reused {path}"
+        return None, {}, f"extraction settings changed ({', '.join(changed)}): cache rebuilt"
+    return cached, meta.get("fingerprints") or {}, f"reused {path}"
+
+
+def _drop_changed(cached: Embeddings, stored: dict[str, str], current: dict[str, str]) -> tuple[Embeddings, int]:
+    """The cached rows whose audio is unchanged (same fingerprint, or not asked for now); how many were dropped."""
+    keep = [i for i, k in enumerate(cached.keys) if k not in current or stored.get(k) == current[k]]
+    kept = Embeddings([cached.keys[i] for i in keep], cached.values[keep], cached.speakers)
+    return kept, len(cached.keys) - len(keep)
 
 
 def extract(loaded: LoadedModel, items_for: Callable[[list[str], _World], Iterable[tuple[str, np.ndarray]]],
             keys: list[str], config: ExtractConfig, world: _World, *, cache: Path | None = None,
-            settings: dict | None = None, progress: Progress | None = None,
-            stage: str = "embedding") -> tuple[Embeddings | None, ExtractionStats]:
+            settings: dict | None = None, fingerprints: dict[str, str] | None = None,
+            progress: Progress | None = None, stage: str = "embedding") -> tuple[Embeddings | None, ExtractionStats]:
     """Embed ``keys`` across all processes (each embeds what ``items_for(missing, world)`` yields on it).
 
     The main process reads the cache, tells every process what is missing, gathers the new embeddings,
     merges and rewrites the cache; it returns the embeddings of ``keys`` in sorted order (None elsewhere).
+    ``fingerprints`` (main process, key → :meth:`AudioSource.fingerprints`): cached rows of changed audio
+    are embedded again.
     """
     started = time.perf_counter()
     settings = settings or _cache_settings(loaded, config, world.device)
-    cached, note = (None, "")
+    cached, stored, note = None, {}, ""
     if world.is_main:
-        cached, note = _read_cache(cache, settings)
+        cached, stored, note = _read_cache(cache, settings)
+        if cached is not None and fingerprints is not None:
+            cached, changed = _drop_changed(cached, stored, fingerprints)
+            note += f"; {changed} utterance(s) whose audio changed embedded again" if changed else ""
     have = set(cached.keys) if cached is not None else set()
     missing = world.broadcast(sorted(set(keys) - have) if world.is_main else None)
 
@@ -455,7 +493,8 @@ def extract(loaded: LoadedModel, items_for: Callable[[list[str], _World], Iterab
     order = np.argsort(np.asarray(all_keys, dtype=object), kind="stable")
     merged = Embeddings([all_keys[i] for i in order], values[order])
     if cache is not None and missing:
-        merged.save(cache, {"settings": settings})
+        current = {**stored, **(fingerprints or {})}
+        merged.save(cache, {"settings": settings, "fingerprints": {k: current[k] for k in merged.keys if k in current}})
     stats = ExtractionStats(
         utterances=len(keys), embedded=len(missing), from_cache=len(keys) - len(missing),
         audio_seconds=sum(g[2] for g in gathered) / config.sample_rate, seconds=time.perf_counter() - started,
@@ -539,7 +578,9 @@ def _cohort_items(scoring: ScoreConfig, config: ExtractConfig, world: _World) ->
 def cohort_embeddings(loaded: LoadedModel, scoring: ScoreConfig, config: ExtractConfig, world: _World, *,
                       cache: Path | None = None, progress: Progress | None = None) -> Embeddings | None:
     """The cohort's utterance embeddings (with their speakers) on the main process; cached like the trials'."""
-    settings = _cache_settings(loaded, config, world.device, cohort=scoring.cohort,
+    remote = scoring.cohort.startswith(("http://", "https://"))
+    settings = _cache_settings(loaded, config, world.device,
+                               cohort=scoring.cohort if remote else str(Path(scoring.cohort).resolve()),
                                cohort_speakers=scoring.cohort_speakers,
                                cohort_utts_per_speaker=scoring.cohort_utts_per_speaker)
     cached = _read_cache(cache, settings)[0] if world.is_main else None
@@ -758,14 +799,20 @@ def evaluate(loaded: LoadedModel, trials: Iterable[str | os.PathLike], audio: st
     cache_path = out_dir / "embeddings.safetensors" if cache == "default" else (Path(cache) if cache else None)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        # what a run killed mid-write left of its outputs: scores, summary, DET plot, embedding caches
+        remove_dead_temporaries(out_dir, [f"scores-{t.name}.txt" for t in lists] + ["summary.json", "det"])
+        if cache_path is not None:
+            remove_dead_temporaries(cache_path.parent, [cache_path.name, f"cohort-{cache_path.name}"])
     if scoring.as_norm and extract_config.eval_frames:
         raise SpeakeridError("--as-norm normalises cosine scores of whole utterances; the crop protocol "
                              "(--eval-frames) scores by distances: drop one of them")
 
     relpaths = {key: rel for key, (rel, _) in wanted.items()}
+    settings = _cache_settings(loaded, extract_config, world.device, audio=source.identity())
     embeddings, stats = extract(
         loaded, lambda missing, w: source.items({k: relpaths[k] for k in missing}, extract_config, w),
-        sorted(wanted), extract_config, world, cache=cache_path, progress=progress)
+        sorted(wanted), extract_config, world, cache=cache_path, settings=settings, progress=progress,
+        fingerprints=source.fingerprints(relpaths) if world.is_main and cache_path else None)
     cohort = None
     if scoring.cohort and (scoring.mean_subtraction or scoring.as_norm):
         cohort_cache = cache_path.with_name(f"cohort-{cache_path.name}") if cache_path else None
@@ -830,6 +877,8 @@ def embed(loaded: LoadedModel, audio: str | os.PathLike, out_path: str | os.Path
     ``out_path``: safetensors (keys in its header) or ``.npy`` (+ ``.keys.txt``). (U, D), or (U, C, D) for crops."""
     world = _World.current(accelerator)
     source = AudioSource.open(audio)
+    if world.is_main:
+        remove_dead_temporaries(Path(out_path).parent, [Path(out_path).name])
     if audio_list is not None:
         wanted = {utterance_key(e.relpath): (e.relpath, e.where) for e in read_eval_list(audio_list)}
         source.check(wanted)

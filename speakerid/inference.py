@@ -32,6 +32,7 @@ from speakerid.data.index import write_json_atomic
 from speakerid.errors import SpeakeridError
 from speakerid.losses import loss_class
 from speakerid.models import build_model, canonical_options, resolve_name
+from speakerid.tempfiles import remove_dead_temporaries
 
 FORMAT = "speakerid-inference"
 VERSION = 1
@@ -110,6 +111,7 @@ def save_inference_checkpoint(directory: str | os.PathLike, model: nn.Module, *,
     except TypeError as error:
         raise SpeakeridError(f"checkpoint metadata must be JSON (model options, speakers, extra): {error}") from error
     directory.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(directory, [WEIGHTS_NAME, META_NAME])  # an export killed mid-write (a pre-empted epoch end)
     weights = directory / WEIGHTS_NAME
     tmp = directory / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
     save_file(state, str(tmp), metadata={"format": FORMAT})

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import warnings
 
 import pytest
 import torch
+from conftest import run_module
 
 from speakerid.checkpoint import import_voxceleb_trainer, read_voxceleb_trainer_state
 from speakerid.errors import SpeakeridError
@@ -158,3 +161,61 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, writer):
         import_voxceleb_trainer(path, "ResNetSE34L", **OPTIONS)
     assert "Unsupported global" in str(error.value)
     assert not marker.exists()
+
+
+class Shell:
+    """Unpickling this runs a shell command (os.system, whose module torch blocks outright)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+class Exec:
+    """Unpickling this runs Python source through builtins.exec."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __reduce__(self):
+        return (exec, (self.source,))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+@pytest.mark.parametrize("payload, refused", [(Shell, os.system.__module__ + ".system"), (Exec, "exec")])
+def test_the_refused_global_is_named_not_torchs_advice(tmp_path, writer, payload, refused):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.model"
+    hook = payload(f"touch {marker}") if payload is Shell else payload(f"open({str(marker)!r}, 'w')")
+    if writer == "torch.save":
+        torch.save({"__S__.conv1.weight": torch.zeros(1), "hook": hook}, path)
+    else:
+        path.write_bytes(pickle.dumps({"hook": hook}, protocol=2))
+    with pytest.raises(SpeakeridError) as error:
+        import_voxceleb_trainer(path, "ResNetSE34L", **OPTIONS)
+    message = str(error.value)
+    assert f"Unsupported global {refused}" in message and "not a plain weights file" in message, message
+    assert "weights_only=True" in message and "In PyTorch 2.6" not in message and "\n" not in message
+    assert not marker.exists()
+
+
+def test_a_newer_pickle_protocol_is_one_message_without_torchs_warning(tmp_path):
+    path = tmp_path / "p4.model"
+    path.write_bytes(pickle.dumps({"hook": Shell("true")}, protocol=4))  # torch's loader stops at its FRAME opcode
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SpeakeridError, match="refused by torch.load"):
+        warnings.simplefilter("always")
+        read_voxceleb_trainer_state(path)
+    assert not [w for w in caught if "pickle protocol" in str(w.message)]
+
+
+def test_the_cli_refuses_a_malicious_model_in_one_line(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.model"
+    path.write_bytes(pickle.dumps({"hook": Shell(f"touch {marker}")}, protocol=2))
+    result = run_module("evaluate", "--checkpoint", path, "--model", "ResNetSE34L", "--trials", tmp_path / "t.txt",
+                        "--audio", tmp_path, check=False, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2 and not marker.exists()
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # no UserWarning, no traceback
+    assert f"{path}: refused by torch.load(weights_only=True): Unsupported global" in result.stderr

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 from conftest import REPO, run_module
 
@@ -295,6 +298,71 @@ def test_cache_is_reused_and_invalidated_by_another_checkpoint(corpus, checkpoin
     assert report.extraction.embedded == 0 and [r.n_trials for r in report.lists] == [40, 20]
 
 
+def test_cache_is_keyed_by_the_audio_not_by_relative_paths(corpus, checkpoint, tree_run, tmp_path):
+    tree_out, _ = tree_run
+    other = tmp_path / "other_audio"  # the same relative paths holding other audio: each file gets another's
+    files = sorted(corpus.root.rglob("*.wav"))
+    for path, donor in zip(files, files[7:] + files[:7]):
+        (other / path.relative_to(corpus.root)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(donor, other / path.relative_to(corpus.root))
+    cache = tmp_path / "cache.safetensors"
+    cache.write_bytes((tree_out / "embeddings.safetensors").read_bytes())
+    loaded = load_inference_checkpoint(checkpoint)
+    report = evaluate(loaded, [corpus.trials], other, tmp_path / "b", ExtractConfig(workers=0), cache=cache)
+    assert report.extraction.embedded == 16 and "holds embeddings of other audio" in report.extraction.cache_note
+    fresh = evaluate(loaded, [corpus.trials], other, tmp_path / "fresh", ExtractConfig(workers=0), cache=None)
+    assert report.lists[0].metrics.eer == fresh.lists[0].metrics.eer
+    assert not np.allclose(scores_of(tmp_path / "b" / "scores-trials.txt"), scores_of(tree_out / "scores-trials.txt"))
+    again = evaluate(loaded, [corpus.trials], other, tmp_path / "b", ExtractConfig(workers=0), cache=cache)
+    assert again.extraction.embedded == 0 and again.extraction.cache_note == f"reused {cache}"
+    # one file rewritten in place (a new size or mtime): that utterance alone is embedded again
+    trial = read_trials(corpus.trials)[0]
+    shutil.copyfile(corpus.root / trial.test, other / trial.enroll)
+    changed = evaluate(loaded, [corpus.trials], other, tmp_path / "b", ExtractConfig(workers=0), cache=cache)
+    assert changed.extraction.embedded == 1 and "1 utterance(s) whose audio changed" in changed.extraction.cache_note
+    donor = Embeddings.load(tree_out / "embeddings.safetensors")[0]
+    np.testing.assert_allclose(Embeddings.load(cache)[0].rows([utterance_key(trial.enroll)]),
+                               donor.rows([utterance_key(trial.test)]), atol=1e-5)
+
+
+def dead_pid() -> int:
+    """The PID of a process that has exited (as a writer killed by a job's time limit has)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_temporaries_of_a_killed_run_are_removed_by_the_next(corpus, checkpoint, tree_run, tmp_path):
+    tree_out, _ = tree_run
+    out, export = tmp_path / "out", tmp_path / "export"
+    out.mkdir()
+    shutil.copyfile(tree_out / "embeddings.safetensors", out / "embeddings.safetensors")
+    dead = dead_pid()
+    stale = [out / f".{name}.tmp-{dead}" for name in ("embeddings.safetensors", "scores-trials.txt", "summary.json")]
+    stale += [out / f".det.tmp-{dead}.png", tmp_path / f".cohort-cache.safetensors.tmp-{dead}",
+              tmp_path / f".cache.safetensors.tmp-{dead}", tmp_path / f".e.safetensors.tmp-{dead}"]
+    stale += [export / f".model.safetensors.tmp-{dead}", export / f".speakerid.json.tmp-{dead}"]
+    with subprocess.Popen(["sleep", "120"]) as writer:  # a live writer's temporary stays
+        live = out / f".scores-trials.txt.tmp-{writer.pid}"
+        other = out / f".notes.txt.tmp-{dead}"  # not an output of evaluate: not its to remove
+        export.mkdir()
+        for path in stale + [live, other]:
+            path.write_bytes(b"half written")
+        loaded = load_inference_checkpoint(checkpoint)
+        report = evaluate(loaded, [corpus.trials], corpus.root, out, ExtractConfig(workers=0))
+        assert report.extraction.from_cache == 16
+        evaluate(loaded, [corpus.trials], corpus.root, out, ExtractConfig(workers=0), cache=tmp_path / "cache.safetensors")
+        listed = tmp_path / "one.txt"
+        listed.write_text(corpus.test_list.read_text().split()[0] + "\n")
+        assert evaluate_main(["--embed", "--checkpoint", str(checkpoint), "--audio", str(corpus.root), "--list",
+                              str(listed), "--out", str(tmp_path / "e.safetensors"), *FAST]) == 0
+        save(export)
+        assert live.exists() and other.exists()
+        writer.kill()
+    assert [p for p in stale if p.exists()] == []
+    assert (out / "scores-trials.txt").exists() and (export / "model.safetensors").exists()
+
+
 def test_two_processes_give_the_scores_of_one(corpus, checkpoint, tree_run, tmp_path):
     tree_out, _ = tree_run
     with socket.socket() as s:
@@ -408,6 +476,50 @@ def test_bad_trial_lists_are_refused_before_any_audio_is_read(corpus, checkpoint
     unlabelled.write_text("".join(" ".join(line.split()[1:]) + "\n" for line in real.splitlines()))
     report = evaluate(loaded, [unlabelled], corpus.root, tmp_path / "out", ExtractConfig(workers=0))
     assert report.lists[0].metrics is None and len(scores_of(report.lists[0].scores_path)) == 40
+
+
+def damage_first_member(shard_dir, tmp_path):
+    """A copy of eval shards whose first audio member's bytes are overwritten (tar headers intact): (copy, key)."""
+    copy = tmp_path / "damaged_shards"
+    shutil.copytree(shard_dir, copy)
+    shard = sorted(copy.glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith((".flac", ".wav")))
+    with open(shard, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(b"\x55" * member.size)
+    return copy, shard.name, member.name.rsplit(".", 1)[0]
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_damaged_utterance_is_one_clear_message(corpus, checkpoint, eval_shards, tmp_path, workers):
+    tree = tmp_path / "tree"
+    shutil.copytree(corpus.root, tree)
+    trial = read_trials(corpus.trials)[0]
+    (tree / trial.enroll).write_bytes(os.urandom(5000))  # garbage where a wav should be
+    shards, shard_name, key = damage_first_member(eval_shards, tmp_path)
+    for audio, named in ((tree, [trial.enroll, "replace the file"]), (shards, [shard_name, key])):
+        result = run_module("evaluate", "--checkpoint", checkpoint, "--trials", corpus.trials, "--audio", audio,
+                            "--out", tmp_path / "out", "--no-cache", "--workers", workers, check=False, env=ONE_THREAD)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("error: ") and all(n in result.stderr for n in named), result.stderr
+    soundfile.write(tree / trial.enroll, np.zeros(100, np.int16), 16000)  # a cut recording: too short to embed
+    with pytest.raises(SpeakeridError, match=rf"utterance {utterance_key(trial.enroll)} \(.*{trial.enroll}\) has 100 "
+                                             "samples; .* replace it"):
+        evaluate(load_inference_checkpoint(checkpoint), [corpus.trials], tree, tmp_path / "out",
+                 ExtractConfig(workers=int(workers)), cache=None)
+
+
+def test_a_trial_list_saved_with_a_bom_scores_as_without(corpus, checkpoint, tree_run, tmp_path):
+    tree_out, _ = tree_run
+    with_bom = tmp_path / "trials.txt"  # same stem: the same scores file name
+    with_bom.write_bytes(b"\xef\xbb\xbf" + corpus.trials.read_bytes())  # as Windows Notepad saves UTF-8
+    shutil.copyfile(tree_out / "embeddings.safetensors", tmp_path / "embeddings.safetensors")
+    report = evaluate(load_inference_checkpoint(checkpoint), [with_bom], corpus.root, tmp_path, ExtractConfig(workers=0))
+    assert report.lists[0].n_trials == corpus.n_trials and report.extraction.embedded == 0
+    assert report.lists[0].metrics.eer == summary_of(tree_out)["lists"][0]["metrics"]["eer"]
+    assert (tmp_path / "scores-trials.txt").read_text() == (tree_out / "scores-trials.txt").read_text()
 
 
 def test_a_checkpoint_that_does_not_fit_fails_in_the_cli(corpus, tmp_path, capsys):

@@ -124,7 +124,12 @@ class EvalUtterances(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         share = self._share(self.rank * n_workers + worker)
-        yield from _batches_by_length(self._utterances(share), self.config)
+        try:
+            yield from _batches_by_length(self._utterances(share), self.config)
+        except SpeakeridError as error:
+            if info is None:
+                raise
+            yield {"error": str(error)}  # raised in a worker, it would reach the user inside a worker traceback
 
     def _utterances(self, share: list[int]) -> Iterator[tuple[str, np.ndarray]]:
         if isinstance(self.source, AudioTree):
@@ -132,7 +137,13 @@ class EvalUtterances(torch.utils.data.IterableDataset):
                 relpath = self.source.relpaths[i]
                 key = utterance_key(relpath)
                 if self.keys is None or key in self.keys:
-                    yield key, read_audio(self.source.root / relpath, self.source.sample_rate)
+                    try:
+                        audio = read_audio(self.source.root / relpath, self.source.sample_rate)
+                    except SpeakeridError as error:
+                        raise SpeakeridError(f"utterance {key}: {str(error).rstrip('.')}; evaluation needs every "
+                                             "utterance of the trial lists: replace the file, or remove the trials "
+                                             "naming it") from error
+                    yield key, audio
             return
         faults = Faults()
         encoding = self.source.encoding
@@ -155,7 +166,15 @@ class EvalUtterances(torch.utils.data.IterableDataset):
 
 
 def eval_loader(source: ShardSet | AudioTree, config: EvalConfig = EvalConfig(), *, keys: set[str] | None = None,
-                rank: int = 0, world_size: int = 1, workers: int = 0) -> torch.utils.data.DataLoader:
+                rank: int = 0, world_size: int = 1, workers: int = 0) -> Iterator[dict]:
+    """The batches of :class:`EvalUtterances`; a worker's SpeakeridError is raised here with its message alone."""
     dataset = EvalUtterances(source, config, keys=keys, rank=rank, world_size=world_size, workers=workers)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
+    return _raise_worker_errors(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers))
+
+
+def _raise_worker_errors(loader: torch.utils.data.DataLoader) -> Iterator[dict]:
+    for batch in loader:
+        if "error" in batch:
+            raise SpeakeridError(batch["error"])
+        yield batch
 
