@@ -18,6 +18,7 @@ import torch
 
 from speakerid.audio import decode, read_audio, wrap_pad
 from speakerid.data.batches import Faults, read_shard
+from speakerid.data.index import member_intact
 from speakerid.data.lists import utterance_key
 from speakerid.data.shardset import ShardSet, assign_streams
 from speakerid.errors import SpeakeridError
@@ -138,13 +139,14 @@ class EvalUtterances(torch.utils.data.IterableDataset):
         encoding = self.source.encoding
         for i in share:
             url = self.source.urls[i]
-            for sample in read_shard(url, faults):
+            for sample in read_shard(url, faults, self.source.io_timeout):
                 key = sample["__key__"]
                 if self.keys is not None and key not in self.keys:
                     continue
                 try:
+                    if not member_intact(json.loads(sample["json"]), sample[encoding]):
+                        raise ValueError("its audio bytes fail their crc32")
                     audio, _ = decode(sample[encoding])
-                    json.loads(sample["json"])
                 except (KeyError, ValueError, RuntimeError) as error:
                     raise SpeakeridError(f"{url}: member {key} cannot be decoded ({error}); "
                                          "run `python -m shardify verify` on the eval shards") from error
