@@ -345,15 +345,16 @@ class TrainStream:
                 yield from drain(rng, pass_number, config.pool_factor * config.n_speakers)
             yield from drain(rng, pass_number, 0)  # the pass is over: draw what it allows, carry the rest
             if emitted == drawn:  # a whole readable pass always gives a batch: without one, the next would not either
-                self._no_batch_in_a_pass(urls)
+                self._no_batch_in_a_pass(urls, failures.last)
 
-    def _no_batch_in_a_pass(self, urls: list[str]) -> None:
+    def _no_batch_in_a_pass(self, urls: list[str], last_failure: ShardUnavailable | None) -> None:
         shown = ", ".join(urls[:3]) + (f" and {len(urls) - 3} more" if len(urls) > 3 else "")
         raise SpeakeridError(
             f"reader stream {self.stream} of {self.n_streams} read a whole pass over its {len(urls)} shard(s) "
             f"({shown}) without getting one batch ({self.faults.damaged_shards} shard read(s) failed or were "
-            f"damaged, {self.faults.corrupt_members} corrupt member(s); warnings above name them): check that the "
-            "shards can be read (`python -m shardify verify`, the server or pipe: command)"
+            f"damaged, {self.faults.corrupt_members} corrupt member(s) so far"
+            + (f"; the last failure: {last_failure}" if last_failure else "") + "): check that the shards can be "
+            "read (`python -m shardify verify`, the server or pipe: command)"
         )
 
     def _draw(self, pool: Pool, rng: np.random.Generator, pass_number: int, decode: bool) -> dict | None:

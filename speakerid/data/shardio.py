@@ -136,8 +136,10 @@ class ShardFailures:
 
     def __init__(self, limit: int = DEFAULT_SHARD_RETRIES) -> None:
         self.limit, self.streak = limit, {}
+        self.last: ShardUnavailable | None = None  # named in the error of a pass that gave nothing
 
     def failed(self, url: str, error: ShardUnavailable) -> None:
+        self.last = error
         self.streak[url] = self.streak.get(url, 0) + 1
         if self.streak[url] >= self.limit:
             raise SpeakeridError(f"{error} — failed {self.streak[url]} times in a row (data.shard_retries="
