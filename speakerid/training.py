@@ -203,9 +203,11 @@ def build_augmenter(config: Config, accelerator: Accelerator):
     crop = config.data.max_frames * 160 + 240
     stream, n_streams = accelerator.process_index, accelerator.num_processes
     musan = (NoiseBank(ShardSet.open(config.augment.musan_shards, io_timeout=config.data.io_timeout), clip_samples=crop,
-                       seed=config.train.seed, stream=stream, n_streams=n_streams) if config.augment.musan_shards else None)
+                       seed=config.train.seed, stream=stream, n_streams=n_streams)
+             if config.augment.musan_shards else None)
     rirs = (NoiseBank(ShardSet.open(config.augment.rir_shards, io_timeout=config.data.io_timeout), clip_samples=None,
-                      seed=config.train.seed, stream=stream, n_streams=n_streams) if config.augment.rir_shards else None)
+                      seed=config.train.seed, stream=stream, n_streams=n_streams)
+            if config.augment.rir_shards else None)
     # without a bank for a type, that type is never drawn (its probability goes to "none")
     no_musan = {"p_music": 0.0, "p_speech": 0.0, "p_noise": 0.0} if musan is None else {}
     no_rir = {"p_reverb": 0.0} if rirs is None else {}

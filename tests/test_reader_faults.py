@@ -28,7 +28,7 @@ from speakerid.data.shardio import ShardUnavailable
 from speakerid.data.shardset import ShardSet
 from speakerid.data.writer import pack
 from speakerid.errors import SpeakeridError
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO
 
 CONFIG = BatchConfig(n_speakers=4, utts_per_speaker=2, max_frames=40, open_shards=2, seed=3)
 
@@ -36,8 +36,8 @@ CONFIG = BatchConfig(n_speakers=4, utts_per_speaker=2, max_frames=40, open_shard
 @pytest.fixture(scope="module")
 def wav_shards(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("faults") / "shards"
-    plan = make_plan(read_train_list(corpus.train_list), corpus.root, PackConfig(encoding="wav", chunk_size=4, max_utts=5))
-    pack(plan, corpus.root, out)
+    config = PackConfig(encoding="wav", chunk_size=4, max_utts=5)
+    pack(make_plan(read_train_list(corpus.train_list), corpus.root, config), corpus.root, out)
     return out
 
 
@@ -214,8 +214,8 @@ def test_verify_names_every_member_that_fails_its_crc32(wav_shards, tmp_path, sh
 
 def test_the_eval_reader_stops_at_a_damaged_member_naming_it(corpus, tmp_path):
     out = tmp_path / "eval"
-    pack(make_plan(entries_from_trials([corpus.trials]), corpus.root, PackConfig(kind="eval", encoding="wav", max_utts=3)),
-         corpus.root, out)
+    config = PackConfig(kind="eval", encoding="wav", max_utts=3)
+    pack(make_plan(entries_from_trials([corpus.trials]), corpus.root, config), corpus.root, out)
     victim = flip_pcm_byte(out / "eval-000000.tar")
     with pytest.raises(SpeakeridError, match=rf"member {re.escape(victim)} cannot be decoded \(its audio bytes fail "
                                              r"their crc32\)"):

@@ -220,7 +220,8 @@ def parse(samples: Iterator[dict], encoding: str, crop_samples: int, rng: np.ran
             data = sample[encoding]
             if not member_intact(meta, data):
                 faults.corrupt_members += 1
-                log.warning("%s in %s: audio bytes fail their crc32, member skipped", sample["__key__"], sample["__url__"])
+                log.warning("%s in %s: audio bytes fail their crc32, member skipped",
+                            sample["__key__"], sample["__url__"])
                 continue
             n, label = int(meta["samples"]), int(meta["label"])
             u = float(rng.random())
