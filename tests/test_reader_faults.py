@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 
 from speakerid.data.batches import BatchConfig, Faults, TrainStream, parse, read_shard, train_loader
 from speakerid.data.eval_reader import eval_loader
-from speakerid.data.lists import entries_from_trials, read_train_list
+from speakerid.data.lists import entries_from_trials, read_train_list, scan_audio_tree
+from speakerid.data.noise import NoiseBank
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.shardio import ShardUnavailable
 from speakerid.data.shardset import ShardSet
@@ -144,6 +146,22 @@ def test_a_shard_failing_k_passes_in_a_row_is_an_error_naming_it(wav_shards):
                                                             r"— failed 2 times in a row \(data.shard_retries=2\)"):
         for _ in itertools.islice(stream.batches(), 300):
             pass
+
+
+def test_a_noise_bank_shard_failing_k_passes_in_a_row_is_an_error_naming_it(tmp_path):
+    root = tmp_path / "musan"
+    for category in ("noise", "music"):
+        for i in range(2):
+            (root / category).mkdir(parents=True, exist_ok=True)
+            soundfile.write(root / category / f"{i}.wav", np.full(8000, 100 * (i + 1), dtype=np.int16), 16000)
+    out = tmp_path / "shards"
+    pack(make_plan(scan_audio_tree(root), root, PackConfig(kind="noise", max_utts=2)), root, out)
+    names = [s["name"] for s in ShardSet.open(out).index["shards"]]
+    urls = [f"pipe:exit 2 # {names[0]}", f"pipe:cat {out / names[1]}"]
+    with deadline(60), pytest.raises(SpeakeridError, match=rf"{names[0]}: the command exited with status 2 "
+                                                           r"— failed 3 times in a row"):
+        bank = NoiseBank(ShardSet.open(out, urls=urls), clip_samples=4000, refresh=4)  # 2 passes: 4 clips
+        bank.take("noise", 1)  # 4 new clips: the third pass, the third failure
 
 
 def test_training_with_a_server_killed_mid_run_exits_with_the_url(wav_shards, tmp_path):

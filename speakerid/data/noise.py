@@ -52,7 +52,8 @@ def _files(shards: ShardSet, share: list[int], seed: int, faults: Faults) -> Ite
                 faults.damaged_shards += 1
                 failures.failed(shards.urls[i], error)
         if not produced:
-            raise SpeakeridError(f"{shards.location}: no readable clip in this reader's shards")
+            last = f"; the last failure: {failures.last}" if failures.last else ""
+            raise SpeakeridError(f"{shards.location}: no readable clip in this reader's shards{last}")
 
 
 @dataclass
