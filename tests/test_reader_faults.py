@@ -43,6 +43,14 @@ def wav_shards(corpus, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def eval_shards(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults") / "eval"
+    config = PackConfig(kind="eval", encoding="wav", max_utts=3)
+    pack(make_plan(entries_from_trials([corpus.trials]), corpus.root, config), corpus.root, out)
+    return out
+
+
 @contextmanager
 def deadline(seconds: int):
     """Fail instead of hanging (the faults under test used to make readers wait forever)."""
@@ -103,6 +111,16 @@ def test_a_killed_server_ends_reading_with_one_error_naming_it(wav_shards):
     message = str(caught.value)
     assert "without getting one batch" in message and f"{url}/train-" in message and "cannot connect" in message
     assert "Traceback" not in message, message
+
+
+def test_evaluation_reading_from_a_killed_server_gets_one_error_naming_it(eval_shards):
+    with shard_server(eval_shards) as (server, url):
+        shards = ShardSet.open(url + "/", io_timeout=5)
+        kill_server(server)
+        with deadline(120), pytest.raises(SpeakeridError) as caught:
+            list(eval_loader(shards, workers=1))
+    message = str(caught.value)
+    assert message.startswith(f"{url}/eval-") and "cannot connect" in message and "Traceback" not in message, message
 
 
 def test_a_stopped_server_times_out_naming_the_url(wav_shards):
@@ -230,10 +248,9 @@ def test_verify_names_every_member_that_fails_its_crc32(wav_shards, tmp_path, sh
         assert f"1 member(s) fail their crc32: {victim}" in result.stderr, result.stderr
 
 
-def test_the_eval_reader_stops_at_a_damaged_member_naming_it(corpus, tmp_path):
+def test_the_eval_reader_stops_at_a_damaged_member_naming_it(eval_shards, tmp_path):
     out = tmp_path / "eval"
-    config = PackConfig(kind="eval", encoding="wav", max_utts=3)
-    pack(make_plan(entries_from_trials([corpus.trials]), corpus.root, config), corpus.root, out)
+    shutil.copytree(eval_shards, out)
     victim = flip_pcm_byte(out / "eval-000000.tar")
     with pytest.raises(SpeakeridError, match=rf"member {re.escape(victim)} cannot be decoded \(its audio bytes fail "
                                              r"their crc32\)"):

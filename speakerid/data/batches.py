@@ -425,15 +425,20 @@ class TrainBatches(torch.utils.data.IterableDataset):
         worker = ((info.id if info else 0) + self.start_batch) % n_workers
         skip = max(0, math.ceil((self.start_batch - worker) / n_workers))
         stream = TrainStream(self.shards, self.config, self.rank * n_workers + worker, self.n_streams)
-        try:
-            yield from stream.batches(skip)
-        except SpeakeridError as error:
-            if info is None:
-                raise
-            yield {"error": str(error)}  # torch would re-raise it wrapped in the worker's traceback
+        yield from forward_errors(stream.batches(skip))
 
 
-class TrainLoader(torch.utils.data.DataLoader):
+def forward_errors(batches: Iterator[dict]) -> Iterator[dict]:
+    """Worker side of ReaderLoader: a SpeakeridError becomes a last {"error": message} item."""
+    try:
+        yield from batches
+    except SpeakeridError as error:
+        if torch.utils.data.get_worker_info() is None:
+            raise
+        yield {"error": str(error)}  # raised, torch would wrap it in the worker's traceback
+
+
+class ReaderLoader(torch.utils.data.DataLoader):
     """A DataLoader whose workers' errors reach the caller as the one clear message they were raised with."""
 
     def __iter__(self) -> Iterator[dict]:
@@ -444,10 +449,10 @@ class TrainLoader(torch.utils.data.DataLoader):
 
 
 def train_loader(shards: ShardSet, config: BatchConfig, *, rank: int = 0, world_size: int = 1, workers: int = 0,
-                 start_batch: int = 0, pin_memory: bool = False) -> TrainLoader:
+                 start_batch: int = 0, pin_memory: bool = False) -> ReaderLoader:
     """A DataLoader over whole batches assembled in the workers (batch_size=None: no collation)."""
     dataset = TrainBatches(shards, config, rank=rank, world_size=world_size, workers=workers, start_batch=start_batch)
-    return TrainLoader(
+    return ReaderLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
     )

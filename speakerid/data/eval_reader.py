@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from speakerid.audio import decode, read_audio, wrap_pad
-from speakerid.data.batches import Faults, read_shard
+from speakerid.data.batches import Faults, ReaderLoader, forward_errors, read_shard
 from speakerid.data.index import member_intact
 from speakerid.data.lists import utterance_key
 from speakerid.data.shardset import ShardSet, assign_streams
@@ -125,7 +125,7 @@ class EvalUtterances(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         share = self._share(self.rank * n_workers + worker)
-        yield from _batches_by_length(self._utterances(share), self.config)
+        yield from forward_errors(_batches_by_length(self._utterances(share), self.config))
 
     def _utterances(self, share: list[int]) -> Iterator[tuple[str, np.ndarray]]:
         if isinstance(self.source, AudioTree):
@@ -157,7 +157,7 @@ class EvalUtterances(torch.utils.data.IterableDataset):
 
 
 def eval_loader(source: ShardSet | AudioTree, config: EvalConfig = EvalConfig(), *, keys: set[str] | None = None,
-                rank: int = 0, world_size: int = 1, workers: int = 0) -> torch.utils.data.DataLoader:
+                rank: int = 0, world_size: int = 1, workers: int = 0) -> ReaderLoader:
     dataset = EvalUtterances(source, config, keys=keys, rank=rank, world_size=world_size, workers=workers)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
+    return ReaderLoader(dataset, batch_size=None, num_workers=workers)
 
