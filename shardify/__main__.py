@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rank", type=int, default=0)
     r.add_argument("--epochs", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--io-timeout", type=float, default=60.0, help="seconds without a byte from an http/pipe: shard")
     return parser
 
 
@@ -230,7 +231,7 @@ def run_read(args) -> int:
     from speakerid.data.batches import BatchConfig, EpochMeter, train_loader, usable_utterances
     from speakerid.data.shardset import ShardSet
 
-    shards = ShardSet.open(args.shards, urls=args.urls)
+    shards = ShardSet.open(args.shards, urls=args.urls, io_timeout=args.io_timeout)
     config = BatchConfig(n_speakers=args.n_speakers, utts_per_speaker=args.utts_per_speaker,
                          max_frames=args.max_frames, max_seg_per_spk=args.max_seg_per_spk,
                          open_shards=args.open_shards, seed=args.seed)

@@ -56,6 +56,8 @@ class DataSection:
     open_shards: int = option(4, "shards each reader stream reads at once")
     pool_factor: float = option(2.0, "draw a batch once the pool holds pool_factor × N speaker tuples")
     workers: int = option(4, "DataLoader workers per rank")
+    io_timeout: float = option(60.0, "seconds without a byte from an http(s) or pipe: shard before it is an error")
+    shard_retries: int = option(3, "a shard whose reading fails this many passes in a row stops training")
 
 
 @dataclass

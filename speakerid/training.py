@@ -202,10 +202,12 @@ def build_augmenter(config: Config, accelerator: Accelerator):
                              "(shardify pack --kind noise); or set augment.enabled=false")
     crop = config.data.max_frames * 160 + 240
     stream, n_streams = accelerator.process_index, accelerator.num_processes
-    musan = (NoiseBank(ShardSet.open(config.augment.musan_shards), clip_samples=crop, seed=config.train.seed,
-                       stream=stream, n_streams=n_streams) if config.augment.musan_shards else None)
-    rirs = (NoiseBank(ShardSet.open(config.augment.rir_shards), clip_samples=None, seed=config.train.seed,
-                      stream=stream, n_streams=n_streams) if config.augment.rir_shards else None)
+    musan = (NoiseBank(ShardSet.open(config.augment.musan_shards, io_timeout=config.data.io_timeout), clip_samples=crop,
+                       seed=config.train.seed, stream=stream, n_streams=n_streams)
+             if config.augment.musan_shards else None)
+    rirs = (NoiseBank(ShardSet.open(config.augment.rir_shards, io_timeout=config.data.io_timeout), clip_samples=None,
+                      seed=config.train.seed, stream=stream, n_streams=n_streams)
+            if config.augment.rir_shards else None)
     # without a bank for a type, that type is never drawn (its probability goes to "none")
     no_musan = {"p_music": 0.0, "p_speech": 0.0, "p_noise": 0.0} if musan is None else {}
     no_rir = {"p_reverb": 0.0} if rirs is None else {}
@@ -226,7 +228,7 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
                               log_with="tensorboard" if config.train.tensorboard else None,
                               project_dir=config.train.run_dir)
     set_seed(config.train.seed)
-    shards = ShardSet.open(config.data.train_shards, urls=config.data.train_urls)
+    shards = ShardSet.open(config.data.train_shards, urls=config.data.train_urls, io_timeout=config.data.io_timeout)
     check_config(config, shards)
     run_dir = claim_run_dir(config, force)
     if accelerator.is_main_process:
@@ -241,7 +243,8 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
     optimizer = build_optimizer(config, list(model.parameters()) + list(loss.parameters()))
     data = BatchConfig(n_speakers=config.data.n_speakers, utts_per_speaker=config.data.utts_per_speaker,
                        max_frames=config.data.max_frames, max_seg_per_spk=config.data.max_seg_per_spk,
-                       open_shards=config.data.open_shards, pool_factor=config.data.pool_factor, seed=config.train.seed)
+                       open_shards=config.data.open_shards, pool_factor=config.data.pool_factor, seed=config.train.seed,
+                       shard_retries=config.data.shard_retries)
     rank, world = accelerator.process_index, accelerator.num_processes
     per_epoch = batches_per_epoch(shards.index, data, world, config.data.workers)
     scheduler = build_scheduler(config, optimizer, per_epoch // config.optim.grad_accum)

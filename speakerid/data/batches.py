@@ -24,11 +24,12 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from speakerid.audio import read_crop
-from speakerid.data.index import split_member
+from speakerid.data.index import member_intact, split_member
 from speakerid.data.shardset import ShardSet, assign_streams
+from speakerid.data.shardio import (DEFAULT_IO_TIMEOUT, DEFAULT_SHARD_RETRIES, ShardFailures, ShardUnavailable,
+                                    open_shard)
 from speakerid.data.tarstream import iter_tar
 from speakerid.errors import SpeakeridError
 
@@ -47,9 +48,11 @@ class BatchConfig:
     open_shards: int = 4  # shards a stream reads at once, interleaved, to mix speakers
     pool_factor: float = 2.0  # draw a batch once the pool holds pool_factor × N tuples
     seed: int = 0
+    shard_retries: int = DEFAULT_SHARD_RETRIES  # a shard failing this many passes in a row is an error
 
     def __post_init__(self) -> None:
-        for name in ("n_speakers", "utts_per_speaker", "max_frames", "max_seg_per_spk", "open_shards"):
+        for name in ("n_speakers", "utts_per_speaker", "max_frames", "max_seg_per_spk", "open_shards",
+                     "shard_retries"):
             if getattr(self, name) < 1:
                 raise SpeakeridError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.pool_factor < 1:
@@ -149,20 +152,13 @@ class Utterance:
     pass_number: int
 
 
-def open_shard(url: str):
-    """Local paths get a large buffer (the reader is sequential); pipe: and http(s) go through webdataset's gopen."""
-    path = url.removeprefix("file:")
-    if "://" not in url and not url.startswith("pipe:"):
-        return open(path, "rb", buffering=1 << 20)
-    return wds.gopen(url)
+def read_shard(url: str, faults: Faults, io_timeout: float = DEFAULT_IO_TIMEOUT) -> Iterator[dict]:
+    """One shard's samples as {__key__, __url__, json, <encoding>: bytes}; a damaged tail is counted and skipped.
 
-
-def read_shard(url: str, faults: Faults) -> Iterator[dict]:
-    """One shard's samples as {__key__, json, <encoding>: bytes}; a damaged tail is counted and skipped."""
-    try:
-        stream = open_shard(url)
-    except Exception as error:
-        raise SpeakeridError(f"{url}: cannot open this shard: {error}") from error
+    A transport failure (see speakerid.data.shardio) raises ShardUnavailable: the caller decides to retry or stop.
+    """
+    stream = open_shard(url, io_timeout)
+    damage = None
     try:
         sample: dict = {}
         for name, data in iter_tar(stream):
@@ -170,33 +166,47 @@ def read_shard(url: str, faults: Faults) -> Iterator[dict]:
             if sample and sample["__key__"] != key:
                 yield sample
                 sample = {}
-            sample["__key__"] = key
+            sample["__key__"], sample["__url__"] = key, url
             sample[ext] = data
         if sample:
             yield sample
-    except Exception as error:  # a truncated or garbled tar ends this shard early
-        faults.damaged_shards += 1
-        log.warning("%s: shard damaged, rest of it skipped: %s", url, error)
+    except ValueError as error:  # TarError: a truncated or garbled tar ends this shard early
+        damage = error
+    except OSError as error:  # a local read error (NFS, disk): maybe passing, like a network one
+        raise ShardUnavailable(f"{url}: read error: {error}") from error
     finally:
-        try:
-            stream.close()
-        except Exception as error:  # e.g. a pipe: command that exited non-zero
-            faults.damaged_shards += 1
-            log.warning("%s: %s", url, error)
+        stream.close()  # a pipe: command that failed raises here: its exit, not the tar, is the cause
+    if damage is not None:
+        faults.damaged_shards += 1
+        log.warning("%s: shard damaged, rest of it skipped: %s", url, damage)
 
 
-def interleave(urls: list[str], open_shards: int, rng: np.random.Generator, faults: Faults) -> Iterator[dict]:
-    """Read up to ``open_shards`` shards at once, taking each next sample from a random open one."""
+def interleave(urls: list[str], open_shards: int, rng: np.random.Generator, faults: Faults,
+               failures: ShardFailures | None = None, io_timeout: float = DEFAULT_IO_TIMEOUT) -> Iterator[dict]:
+    """Read up to ``open_shards`` shards at once, taking each next sample from a random open one.
+
+    A shard whose transport fails is counted as damaged and left for this pass; ``failures`` stops the
+    K-th failure in a row of one shard (across passes) with an error naming it.
+    """
+    failures = failures or ShardFailures()
     pending = deque(urls)
     readers = []
     while pending or readers:
         while pending and len(readers) < open_shards:
-            readers.append(read_shard(pending.popleft(), faults))
+            url = pending.popleft()
+            readers.append((url, read_shard(url, faults, io_timeout)))
         i = int(rng.integers(len(readers)))
+        url, reader = readers[i]
         try:
-            yield next(readers[i])
+            yield next(reader)
         except StopIteration:
             readers.pop(i)
+            failures.succeeded(url)
+        except ShardUnavailable as error:
+            readers.pop(i)
+            faults.damaged_shards += 1
+            log.warning("%s (skipped in this pass)", error)
+            failures.failed(url, error)
 
 
 def parse(samples: Iterator[dict], encoding: str, crop_samples: int, rng: np.random.Generator,
@@ -208,6 +218,11 @@ def parse(samples: Iterator[dict], encoding: str, crop_samples: int, rng: np.ran
         try:
             meta = json.loads(sample["json"])
             data = sample[encoding]
+            if not member_intact(meta, data):
+                faults.corrupt_members += 1
+                log.warning("%s in %s: audio bytes fail their crc32, member skipped",
+                            sample["__key__"], sample["__url__"])
+                continue
             n, label = int(meta["samples"]), int(meta["label"])
             u = float(rng.random())
             if encoding == "wav":  # cut the crop now (a slice of the PCM): the pool holds 2·L bytes, not the file
@@ -304,6 +319,7 @@ class TrainStream:
         config = self.config
         pool = Pool()
         emitted = 0
+        failures = ShardFailures(config.shard_retries)
 
         def drain(rng: np.random.Generator, pass_number: int, min_pool: float) -> Iterator[dict]:
             """Draw batches while the pool holds min_pool tuples of at least N speakers."""
@@ -321,13 +337,26 @@ class TrainStream:
             rng = np.random.default_rng([config.seed, self.stream, self.n_streams, pass_number])
             order = rng.permutation(self.plan.shards)
             urls = [self.shards.urls[i] for i in order]
-            samples = interleave(urls, config.open_shards, rng, self.faults)
+            samples = interleave(urls, config.open_shards, rng, self.faults, failures, self.shards.io_timeout)
             utterances = apply_quota(parse(samples, self.shards.encoding, config.crop_samples, rng, pass_number,
                                            self.faults), self.plan.quota)
+            drawn = emitted
             for t in group_tuples(utterances, config.utts_per_speaker):
                 pool.add(t)
                 yield from drain(rng, pass_number, config.pool_factor * config.n_speakers)
             yield from drain(rng, pass_number, 0)  # the pass is over: draw what it allows, carry the rest
+            if emitted == drawn:  # a whole readable pass always gives a batch: without one, the next would not either
+                self._no_batch_in_a_pass(urls, failures.last)
+
+    def _no_batch_in_a_pass(self, urls: list[str], last_failure: ShardUnavailable | None) -> None:
+        shown = ", ".join(urls[:3]) + (f" and {len(urls) - 3} more" if len(urls) > 3 else "")
+        raise SpeakeridError(
+            f"reader stream {self.stream} of {self.n_streams} read a whole pass over its {len(urls)} shard(s) "
+            f"({shown}) without getting one batch ({self.faults.damaged_shards} shard read(s) failed or were "
+            f"damaged, {self.faults.corrupt_members} corrupt member(s) so far"
+            + (f"; the last failure: {last_failure}" if last_failure else "") + "): check that the shards can be "
+            "read (`python -m shardify verify`, the server or pipe: command)"
+        )
 
     def _draw(self, pool: Pool, rng: np.random.Generator, pass_number: int, decode: bool) -> dict | None:
         n, m, length = self.config.n_speakers, self.config.utts_per_speaker, self.config.crop_samples
@@ -396,14 +425,34 @@ class TrainBatches(torch.utils.data.IterableDataset):
         worker = ((info.id if info else 0) + self.start_batch) % n_workers
         skip = max(0, math.ceil((self.start_batch - worker) / n_workers))
         stream = TrainStream(self.shards, self.config, self.rank * n_workers + worker, self.n_streams)
-        yield from stream.batches(skip)
+        yield from forward_errors(stream.batches(skip))
+
+
+def forward_errors(batches: Iterator[dict]) -> Iterator[dict]:
+    """Worker side of ReaderLoader: a SpeakeridError becomes a last {"error": message} item."""
+    try:
+        yield from batches
+    except SpeakeridError as error:
+        if torch.utils.data.get_worker_info() is None:
+            raise
+        yield {"error": str(error)}  # raised, torch would wrap it in the worker's traceback
+
+
+class ReaderLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers' errors reach the caller as the one clear message they were raised with."""
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in super().__iter__():
+            if "error" in batch:
+                raise SpeakeridError(batch["error"])
+            yield batch
 
 
 def train_loader(shards: ShardSet, config: BatchConfig, *, rank: int = 0, world_size: int = 1, workers: int = 0,
-                 start_batch: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                 start_batch: int = 0, pin_memory: bool = False) -> ReaderLoader:
     """A DataLoader over whole batches assembled in the workers (batch_size=None: no collation)."""
     dataset = TrainBatches(shards, config, rank=rank, world_size=world_size, workers=workers, start_batch=start_batch)
-    return torch.utils.data.DataLoader(
+    return ReaderLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
     )

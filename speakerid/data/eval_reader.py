@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from speakerid.audio import decode, read_audio, wrap_pad
-from speakerid.data.batches import Faults, read_shard
+from speakerid.data.batches import Faults, ReaderLoader, forward_errors, read_shard
+from speakerid.data.index import member_intact
 from speakerid.data.lists import utterance_key
 from speakerid.data.shardset import ShardSet, assign_streams
 from speakerid.errors import SpeakeridError
@@ -124,12 +125,7 @@ class EvalUtterances(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         share = self._share(self.rank * n_workers + worker)
-        try:
-            yield from _batches_by_length(self._utterances(share), self.config)
-        except SpeakeridError as error:
-            if info is None:
-                raise
-            yield {"error": str(error)}  # raised in a worker, it would reach the user inside a worker traceback
+        yield from forward_errors(_batches_by_length(self._utterances(share), self.config))
 
     def _utterances(self, share: list[int]) -> Iterator[tuple[str, np.ndarray]]:
         if isinstance(self.source, AudioTree):
@@ -149,13 +145,14 @@ class EvalUtterances(torch.utils.data.IterableDataset):
         encoding = self.source.encoding
         for i in share:
             url = self.source.urls[i]
-            for sample in read_shard(url, faults):
+            for sample in read_shard(url, faults, self.source.io_timeout):
                 key = sample["__key__"]
                 if self.keys is not None and key not in self.keys:
                     continue
                 try:
+                    if not member_intact(json.loads(sample["json"]), sample[encoding]):
+                        raise ValueError("its audio bytes fail their crc32")
                     audio, _ = decode(sample[encoding])
-                    json.loads(sample["json"])
                 except (KeyError, ValueError, RuntimeError) as error:
                     raise SpeakeridError(f"{url}: member {key} cannot be decoded ({error}); "
                                          "run `python -m shardify verify` on the eval shards") from error
@@ -166,15 +163,7 @@ class EvalUtterances(torch.utils.data.IterableDataset):
 
 
 def eval_loader(source: ShardSet | AudioTree, config: EvalConfig = EvalConfig(), *, keys: set[str] | None = None,
-                rank: int = 0, world_size: int = 1, workers: int = 0) -> Iterator[dict]:
-    """The batches of :class:`EvalUtterances`; a worker's SpeakeridError is raised here with its message alone."""
+                rank: int = 0, world_size: int = 1, workers: int = 0) -> ReaderLoader:
     dataset = EvalUtterances(source, config, keys=keys, rank=rank, world_size=world_size, workers=workers)
-    return _raise_worker_errors(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers))
-
-
-def _raise_worker_errors(loader: torch.utils.data.DataLoader) -> Iterator[dict]:
-    for batch in loader:
-        if "error" in batch:
-            raise SpeakeridError(batch["error"])
-        yield batch
+    return ReaderLoader(dataset, batch_size=None, num_workers=workers)
 

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,6 +60,11 @@ def load_index(shard_dir: str | Path) -> dict:
             f"version {VERSION}; re-pack with this speakerid"
         )
     return index
+
+
+def member_intact(meta: dict, audio: bytes) -> bool:
+    """The audio bytes match the crc32 shardify wrote in the member's json (members of older packs have none)."""
+    return "crc32" not in meta or zlib.crc32(audio) == meta["crc32"]
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -109,6 +115,8 @@ def check_shard(path: Path, expected: dict, encoding: str, *, decode_audio: bool
     keys: set[str] = set()
     declared: dict[str, int] = {}  # key → "samples" in its json
     decoded: dict[str, int] = {}  # key → samples actually decoded (with decode_audio)
+    metas: dict[str, dict] = {}  # key → its json, and audio: key → its bytes' crc32 (checked against each other)
+    audio_crc: dict[str, int] = {}
     with open(path, "rb", buffering=0) as raw:
         reader = _HashingReader(raw)
         try:
@@ -119,13 +127,19 @@ def check_shard(path: Path, expected: dict, encoding: str, *, decode_audio: bool
                     members[ext] += 1
                     keys.add(key)
                     if ext == "json":
-                        declared[key] = json.loads(data).get("samples", -1)
-                    elif decode_audio and ext in ENCODINGS:
-                        decoded[key] = len(decode(data)[0])
+                        metas[key] = json.loads(data)
+                        declared[key] = metas[key].get("samples", -1)
+                    elif ext in ENCODINGS:
+                        audio_crc[key] = zlib.crc32(data)
+                        if decode_audio:
+                            decoded[key] = len(decode(data)[0])
         except (tarfile.TarError, json.JSONDecodeError, OSError, RuntimeError, ValueError) as error:
             check.problems.append(f"unreadable: {error}")
         while reader.read(1 << 20):  # the tar's end padding counts towards the hash
             pass
+    failing = sorted(k for k, crc in audio_crc.items() if metas.get(k, {}).get("crc32", crc) != crc)
+    if failing:  # every one, by key: the members to re-pack (or the ones a reader skips)
+        check.problems.append(f"{len(failing)} member(s) fail their crc32: {', '.join(failing)}")
     digest = reader.sha256.hexdigest()
     if digest != expected["sha256"]:
         check.problems.append(f"sha256 {digest[:16]}… does not match the index's {expected['sha256'][:16]}…")

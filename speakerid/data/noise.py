@@ -7,6 +7,7 @@ every file is used. Clips are int16; the batched augmentation on the training de
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -15,29 +16,44 @@ import numpy as np
 
 from speakerid.audio import decode, wrap_pad
 from speakerid.data.batches import Faults, read_shard
+from speakerid.data.index import member_intact
+from speakerid.data.shardio import ShardFailures, ShardUnavailable
 from speakerid.data.shardset import ShardSet
 from speakerid.errors import SpeakeridError
 
 
+def _shard_clips(shards: ShardSet, url: str, faults: Faults) -> Iterator[tuple[str, np.ndarray]]:
+    """(category, samples) of one shard's members; damaged members are counted and skipped."""
+    for sample in read_shard(url, faults, shards.io_timeout):
+        try:
+            meta = json.loads(sample["json"])
+            if not member_intact(meta, sample[shards.encoding]):
+                raise ValueError("crc32 mismatch")
+            audio, _ = decode(sample[shards.encoding])
+        except (KeyError, ValueError, RuntimeError):
+            faults.corrupt_members += 1
+            continue
+        yield meta.get("category", "noise"), audio
+
+
 def _files(shards: ShardSet, share: list[int], seed: int, faults: Faults) -> Iterator[tuple[str, np.ndarray]]:
     """(category, samples) of every member, pass after pass, shards in a seeded order."""
-    import json
-
+    failures = ShardFailures()
     for pass_number in range(2**62):
         order = np.random.default_rng([seed, pass_number]).permutation(share)
-        produced = False
+        produced = 0
         for i in order:
-            for sample in read_shard(shards.urls[i], faults):
-                try:
-                    meta = json.loads(sample["json"])
-                    audio, _ = decode(sample[shards.encoding])
-                except (KeyError, ValueError, RuntimeError):
-                    faults.corrupt_members += 1
-                    continue
-                produced = True
-                yield meta.get("category", "noise"), audio
+            try:
+                for clip in _shard_clips(shards, shards.urls[i], faults):
+                    produced += 1
+                    yield clip
+                failures.succeeded(shards.urls[i])
+            except ShardUnavailable as error:  # skipped in this pass; the K-th failure in a row is an error
+                faults.damaged_shards += 1
+                failures.failed(shards.urls[i], error)
         if not produced:
-            raise SpeakeridError(f"{shards.location}: no readable clip in this reader's shards")
+            last = f"; the last failure: {failures.last}" if failures.last else ""
+            raise SpeakeridError(f"{shards.location}: no readable clip in this reader's shards{last}")
 
 
 @dataclass

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
-import webdataset as wds
 
 from speakerid.data.index import FORMAT, INDEX_NAME, VERSION, load_index
+from speakerid.data.shardio import DEFAULT_IO_TIMEOUT, ShardUnavailable, open_shard
 from speakerid.errors import SpeakeridError
 
 
@@ -27,11 +27,13 @@ def _is_url(location: str) -> bool:
     return location.startswith(("http://", "https://"))
 
 
-def _read_remote_index(url: str) -> dict:
+def _read_remote_index(url: str, io_timeout: float) -> dict:
     try:
-        with wds.gopen(url) as f:
+        with open_shard(url, io_timeout) as f:
             index = json.loads(f.read())
-    except Exception as error:  # curl/pipe errors surface as assorted exception types
+    except ShardUnavailable as error:
+        raise SpeakeridError(f"cannot read the shard index: {error}") from error
+    except ValueError as error:
         raise SpeakeridError(f"{url}: cannot read the shard index: {error}") from error
     if index.get("format") != FORMAT or index.get("version") != VERSION:
         raise SpeakeridError(f"{url}: not a {FORMAT} v{VERSION} index; re-pack with this speakerid")
@@ -43,14 +45,18 @@ class ShardSet:
     index: dict
     urls: list[str]  # urls[i] reads index["shards"][i]
     location: str
+    io_timeout: float = DEFAULT_IO_TIMEOUT  # seconds without a byte from a remote shard (data.io_timeout)
 
     @classmethod
-    def open(cls, location: str | os.PathLike, urls: str | list[str] | None = None, *, check: bool = True) -> "ShardSet":
+    def open(cls, location: str | os.PathLike, urls: str | list[str] | None = None, *, check: bool = True,
+             io_timeout: float = DEFAULT_IO_TIMEOUT) -> "ShardSet":
         """``location``: a shard directory, its index.json, or an http(s) URL of either."""
+        if not io_timeout > 0:
+            raise SpeakeridError(f"data.io_timeout must be a positive number of seconds, got {io_timeout}")
         location = str(location)
         if _is_url(location):
             index_url = location if location.endswith(".json") else location.rstrip("/") + "/" + INDEX_NAME
-            index = _read_remote_index(index_url)
+            index = _read_remote_index(index_url, io_timeout)
             base = index_url.rsplit("/", 1)[0]
             default = [f"{base}/{s['name']}" for s in index["shards"]]
         else:
@@ -63,7 +69,7 @@ class ShardSet:
         else:
             expanded = [u for pattern in ([urls] if isinstance(urls, str) else urls) for u in braceexpand.braceexpand(pattern)]
             chosen = _match_urls(names, expanded, location)
-        shards = cls(index, chosen, location)
+        shards = cls(index, chosen, location, io_timeout)
         if check:
             shards.check()
         return shards
@@ -75,7 +81,7 @@ class ShardSet:
                 continue  # a command: nothing to look at before running it
             if _is_url(url):
                 try:
-                    urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=30).close()
+                    urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=self.io_timeout).close()
                 except (urllib.error.URLError, OSError) as error:
                     raise SpeakeridError(f"{url}: cannot open this shard: {error}") from error
                 continue

@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+import zlib
 from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -132,11 +133,10 @@ def write_shard(job: ShardJob, progress: Progress | None = None) -> ShardResult:
                             progress(1, size)
                     if bad and not job.skip_bad:
                         continue  # this shard will not be kept: only look for more bad files
-                    tar.write({
-                        "__key__": item.key,
-                        config.encoding: encode(audio, config.sample_rate, config.encoding),
-                        "json": json.dumps(_metadata(item, len(audio), config), sort_keys=True).encode(),
-                    })
+                    encoded = encode(audio, config.sample_rate, config.encoding)
+                    meta = {**_metadata(item, len(audio), config), "crc32": zlib.crc32(encoded)}  # readers check it
+                    tar.write({"__key__": item.key, config.encoding: encoded,
+                               "json": json.dumps(meta, sort_keys=True).encode()})
                     n_samples += 1
                     duration += len(audio)
                     speakers.add(item.spk)

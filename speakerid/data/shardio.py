@@ -1,0 +1,149 @@
+"""Opening shards for reading: local paths, ``pipe:`` commands and http(s) URLs, every remote wait bounded.
+
+A remote shard that sends no byte for ``io_timeout`` seconds (a dead or stopped server, a stalled command)
+raises :class:`ShardUnavailable` naming the URL; so do a refused connection, an HTTP error, a connection
+cut mid-shard and a ``pipe:`` command that exits non-zero. There is no limit on a whole shard: big shards on
+slow links are fine as long as bytes keep coming. A stalled command's process group is killed.
+:class:`ShardFailures` turns repeated failures of one shard into an error instead of endless retries.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import os
+import select
+import signal
+import subprocess
+import urllib.error
+import urllib.request
+
+import webdataset as wds
+
+from speakerid.errors import SpeakeridError
+
+DEFAULT_IO_TIMEOUT = 60.0  # seconds without a byte from a remote shard
+DEFAULT_SHARD_RETRIES = 3  # failed reads in a row of one shard before it is an error
+
+
+class ShardUnavailable(SpeakeridError):
+    """A remote shard could not be read (the transport failed, not the tar): worth a retry in a later pass."""
+
+
+def _stalled(url: str, timeout: float) -> ShardUnavailable:
+    return ShardUnavailable(f"{url}: no data for {timeout:g} s; is the server or command alive? "
+                            "(raise data.io_timeout if the storage is just slow)")
+
+
+class _HttpShard(io.RawIOBase):
+    """An http(s) response whose every socket read waits at most ``timeout`` seconds."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url, self.timeout = url, timeout
+        try:
+            self.response = urllib.request.urlopen(url, timeout=timeout)
+        except TimeoutError as error:
+            raise _stalled(url, timeout) from error
+        except urllib.error.HTTPError as error:
+            raise ShardUnavailable(f"{url}: the server answered {error.code} {error.reason}") from error
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+            if isinstance(getattr(error, "reason", None), TimeoutError):
+                raise _stalled(url, timeout) from error
+            raise ShardUnavailable(f"{url}: cannot connect: {getattr(error, 'reason', error)}") from error
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            return self.response.readinto(buffer)
+        except TimeoutError as error:
+            raise _stalled(self.url, self.timeout) from error
+        except (OSError, http.client.HTTPException) as error:  # reset, or closed before Content-Length bytes
+            raise ShardUnavailable(f"{self.url}: the connection broke mid-shard: {error!r}") from error
+
+    def close(self) -> None:
+        if not self.closed:
+            self.response.close()
+        super().close()
+
+
+class _PipeShard(io.RawIOBase):
+    """The stdout of a ``pipe:`` command (in its own process group), read with a stall timeout.
+
+    Read to the end, the command must exit 0; closed early or stalled, its process group is killed.
+    """
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url, self.timeout, self.at_end = url, timeout, False
+        self.process = subprocess.Popen(url.removeprefix("pipe:"), shell=True, stdout=subprocess.PIPE,
+                                        start_new_session=True)  # its own group: a kill reaches its children
+        self.fd = self.process.stdout.fileno()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        ready, _, _ = select.select([self.fd], [], [], self.timeout)
+        if not ready:
+            self._kill()
+            raise _stalled(self.url, self.timeout)
+        data = os.read(self.fd, len(buffer))
+        buffer[:len(data)] = data
+        self.at_end = not data
+        return len(data)
+
+    def _kill(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        super().close()
+        if not self.at_end:  # the reader stopped early: the rest of the output is not wanted
+            self._kill()
+        self.process.stdout.close()
+        try:
+            status = self.process.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:  # closed its output but does not exit
+            self._kill()
+            raise _stalled(self.url, self.timeout) from None
+        if self.at_end and status != 0:
+            raise ShardUnavailable(f"{self.url}: the command exited with status {status}")
+
+
+def open_shard(url: str, io_timeout: float = DEFAULT_IO_TIMEOUT):
+    """A binary stream of one shard. Local paths get a large buffer (the reader is sequential); http(s) and
+    ``pipe:`` wait at most ``io_timeout`` s for each byte; other schemes go through webdataset's gopen."""
+    if url.startswith(("http://", "https://")):
+        return io.BufferedReader(_HttpShard(url, io_timeout), 1 << 20)
+    if url.startswith("pipe:"):
+        return io.BufferedReader(_PipeShard(url, io_timeout), 1 << 20)
+    try:
+        if "://" not in url:
+            return open(url.removeprefix("file:"), "rb", buffering=1 << 20)
+        return wds.gopen(url)
+    except OSError as error:  # e.g. a missing file on a network filesystem: maybe back in the next pass
+        raise ShardUnavailable(f"{url}: cannot open this shard: {error}") from error
+
+
+class ShardFailures:
+    """Transport failures in a row per shard URL: the ``limit``-th is an error, a good read starts over."""
+
+    def __init__(self, limit: int = DEFAULT_SHARD_RETRIES) -> None:
+        self.limit, self.streak = limit, {}
+        self.last: ShardUnavailable | None = None  # named in the error of a pass that gave nothing
+
+    def failed(self, url: str, error: ShardUnavailable) -> None:
+        self.last = error
+        self.streak[url] = self.streak.get(url, 0) + 1
+        if self.streak[url] >= self.limit:
+            raise SpeakeridError(f"{error} — failed {self.streak[url]} times in a row (data.shard_retries="
+                                 f"{self.limit}); check that the shard's server or command works") from error
+
+    def succeeded(self, url: str) -> None:
+        self.streak.pop(url, None)
