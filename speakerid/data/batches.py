@@ -147,6 +147,7 @@ class Utterance:
     u: float  # the crop position draw, made when the utterance is read
     payload: object  # wav: the int16 crop, cut at once; flac: the member bytes, decoded at emission
     pass_number: int
+    checked: bool = False  # its json carries a crc32 the parser verified
 
 
 def open_shard(url: str):
@@ -218,7 +219,7 @@ def parse(samples: Iterator[dict], encoding: str, crop_samples: int, rng: np.ran
             faults.corrupt_members += 1
             log.warning("%s: skipping a damaged sample: %r", sample.get("__key__"), error)
             continue
-        yield Utterance(sample["__key__"], label, n, u, payload, pass_number)
+        yield Utterance(sample["__key__"], label, n, u, payload, pass_number, checked="crc32" in meta)
 
 
 def apply_quota(utterances: Iterator[Utterance], quota: dict[int, int]) -> Iterator[Utterance]:
@@ -329,21 +330,34 @@ class TrainStream:
                 yield from drain(rng, pass_number, config.pool_factor * config.n_speakers)
             yield from drain(rng, pass_number, 0)  # the pass is over: draw what it allows, carry the rest
 
+    def _crop(self, utt: Utterance, decode: bool) -> object:
+        """The utterance's int16 crop (a flac member is decoded here); None, counted, when it does not decode.
+
+        Skipping (decode=False) still decodes flac crops without a checksum, so a skipped batch drops exactly
+        the tuples a decoded one drops; a member whose crc32 the parser verified is taken as sound."""
+        if isinstance(utt.payload, np.ndarray) or (utt.checked and not decode):
+            return utt.payload
+        try:
+            return read_crop(utt.payload, "flac", utt.samples, self.config.crop_samples, utt.u)
+        except (ValueError, RuntimeError) as error:
+            if utt.checked:  # skipping would have kept it: dropping it here would make resume inexact
+                raise SpeakeridError(f"{utt.key}: member passes its crc32 but does not decode ({error}); "
+                                     "find such members with `shardify verify --decode` and re-pack") from error
+            self.faults.corrupt_members += 1
+            log.warning("%s: skipping an undecodable member: %s", utt.key, error)
+            return None
+
     def _draw(self, pool: Pool, rng: np.random.Generator, pass_number: int, decode: bool) -> dict | None:
         n, m, length = self.config.n_speakers, self.config.utts_per_speaker, self.config.crop_samples
         chosen: list[list[Utterance]] = []
         crops = np.empty((n, m, length), dtype=np.int16) if decode else None
         for label in pool.draw_order(rng, pass_number):
             t = pool.pop(label)
+            tuple_crops = [self._crop(utt, decode) for utt in t]
+            if any(crop is None for crop in tuple_crops):  # a member that does not decode: drop the tuple
+                continue
             if decode:
-                try:
-                    for j, utt in enumerate(t):
-                        crops[len(chosen), j] = (utt.payload if isinstance(utt.payload, np.ndarray) else
-                                                 read_crop(utt.payload, "flac", utt.samples, length, utt.u))
-                except (ValueError, RuntimeError) as error:  # a member that does not decode: drop the tuple
-                    self.faults.corrupt_members += 1
-                    log.warning("%s: skipping an undecodable member: %s", t[0].key, error)
-                    continue
+                crops[len(chosen)] = np.stack(tuple_crops)
             chosen.append(t)
             if len(chosen) == n:
                 break
