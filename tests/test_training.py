@@ -53,6 +53,39 @@ def test_resume_after_a_stop_is_bit_identical_to_an_uninterrupted_run(train_shar
             assert torch.equal(a[key], b[key]), f"{key} differs after resume"
 
 
+def _data_reports(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k.startswith("data_")} for r in records if "data_coverage" in r]
+
+
+def test_resume_with_undecodable_members_gives_the_same_weights_and_data_reports(train_shards, tmp_path):
+    """Skipped batches drop the same damaged tuples as decoded ones; the report of the epoch cut by the stop covers
+    all of it."""
+    import shutil
+    import tarfile
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(train_shards, damaged)
+    for shard in sorted(damaged.glob("*.tar"))[:3]:  # every flac member's frames zeroed: it parses, it does not decode
+        with tarfile.open(shard) as tar:
+            members = [(m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith(".flac")]
+        data = bytearray(shard.read_bytes())
+        for offset, size in members:
+            data[offset + 100:offset + size] = bytes(size - 100)
+        shard.write_bytes(bytes(data))
+    run_module("train", *_args(damaged, tmp_path / "whole"))
+    run_module("train", *_args(damaged, tmp_path / "resumed"), "--stop-after-steps", "13")  # in the second epoch
+    run_module("train", *_args(damaged, tmp_path / "resumed"))
+    whole, resumed = _data_reports(tmp_path / "whole"), _data_reports(tmp_path / "resumed")
+    assert len(whole) == 2 and whole[1]["data_corrupt_members"] > 0
+    assert resumed == whole
+    model_a, loss_a, name_a = _final_weights(tmp_path / "whole")
+    model_b, loss_b, name_b = _final_weights(tmp_path / "resumed")
+    assert name_a == name_b
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["model.name=ResNet999"], "unknown model 'ResNet999'"),
     (["loss.name=angleprot"], "angleprot"),
