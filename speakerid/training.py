@@ -178,19 +178,6 @@ class TrainResult:
     validations: list[dict]
 
 
-class GeneratorState:
-    """A torch.Generator that accelerate checkpoints (augmentation draws resume where they stopped)."""
-
-    def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def state_dict(self) -> dict:
-        return {"state": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["state"])
-
-
 def build_augmenter(config: Config, accelerator: Accelerator):
     if not config.augment.enabled:
         return None
@@ -211,7 +198,7 @@ def build_augmenter(config: Config, accelerator: Accelerator):
     no_rir = {"p_reverb": 0.0} if rirs is None else {}
     base = AugmentConfig()
     p_none = base.p_none + sum(getattr(base, k) for k in {**no_musan, **no_rir})
-    return Augmenter(AugmentConfig(**no_musan, **no_rir, p_none=p_none), musan, rirs, seed=config.train.seed)
+    return Augmenter(AugmentConfig(**no_musan, **no_rir, p_none=p_none), musan, rirs, seed=config.train.seed, stream=stream)
 
 
 def train(config: Config, *, force: bool = False, stop_after_steps: int | None = None,
@@ -249,8 +236,7 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
     if config.train.compile:
         model = torch.compile(model)
     augmenter = build_augmenter(config, accelerator)
-    augment_rng = GeneratorState(config.train.seed + 1000 * rank)
-    accelerator.register_for_checkpointing(scheduler, augment_rng)
+    accelerator.register_for_checkpointing(scheduler)
 
     progress = Progress()
     # per-epoch coverage of this rank's share of the usable utterances, and damaged input skipped
@@ -289,9 +275,10 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
             batch = next(batches)
             meter.update(batch)
             started = time.perf_counter()
+            # the step's augmentation is a function of (seed, rank, batch index): exact on resume, nothing saved
+            generator = augmenter.at_step(progress.batch) if augmenter is not None else None
             with accelerator.accumulate(model, loss):
-                value, accuracy, augmented = training_step(model, loss, batch, accelerator, config, augmenter,
-                                                           augment_rng.generator)
+                value, accuracy, augmented = training_step(model, loss, batch, accelerator, config, augmenter, generator)
                 optimizer.step()
                 if config.schedule.interval == "step" and accelerator.sync_gradients and config.schedule.name != "plateau":
                     scheduler.step()
