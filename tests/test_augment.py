@@ -234,3 +234,30 @@ def _resumed_plan(shards, stream: int, step: int):
     augmenter = Augmenter(NO_MUSIC, _bank(shards, "musan", stream, reservoir=4),
                           _bank(shards, "rirs", 0, 1, reservoir=4), seed=3, stream=stream)
     return augmenter.draw(64, augmenter.at_step(step))
+
+
+def test_a_noise_file_that_does_not_decode_leaves_its_slot_alike_when_reading_on_or_rebuilding(shards, tmp_path):
+    import shutil
+    import tarfile
+
+    damaged = tmp_path / "musan"
+    shutil.copytree(shards["musan"], damaged)
+    for shard in sorted(damaged.glob("*.tar")):  # the first audio member of every shard loses its magic number
+        with tarfile.open(shard) as tar:
+            offset = next(m.offset_data for m in tar.getmembers() if not m.name.endswith(".json"))
+        data = bytearray(shard.read_bytes())
+        data[offset:offset + 4] = b"XXXX"
+        shard.write_bytes(bytes(data))
+
+    def bank():
+        return NoiseBank(ShardSet.open(damaged), clip_samples=L, seed=3, n_streams=1, reservoir=2, refresh=1)
+
+    walked = bank()
+    for step in range(15):
+        walked.seek(step)
+    resumed = bank()
+    resumed.seek(14)
+    assert walked.faults.corrupt_members > 0 and resumed.faults.corrupt_members > 0
+    for k in walked._capacity:
+        assert np.array_equal(walked.take(k, 40, torch.Generator().manual_seed(1)),
+                              resumed.take(k, 40, torch.Generator().manual_seed(1)))
