@@ -147,6 +147,8 @@ class NoiseBank:
             for sample in read_shard(self.shards.urls[i], self.faults):
                 for c in members.pop(self._walk.position[i].get(sample["__key__"], -1), []):
                     yield c, self._clip(c, sample)
+                if not members:
+                    break  # the rest of this shard is not wanted
             for c in itertools.chain.from_iterable(members.values()):
                 yield c, self._clip(c, None)
 
