@@ -27,9 +27,10 @@ operation per type (mixing with per-row dB and per-clip SNRs; FFT convolution). 
   proportion to their file counts, so every RIR file is about equally likely as with ``random.choice``; RIRs
   longer than the bank's ``max_samples`` (1 s by default) are cut.
 
-Determinism: every decision (type, clip count, SNRs, RIR category) is drawn from a CPU ``torch.Generator`` with a
-fixed number of draws per batch, whatever the batch holds. Which clips: the banks' own seeded streams. A resumed
-run reproduces augmentation when it restores the generator's state and rebuilds the banks with their seeds.
+Determinism: every decision (type, clip count, SNRs, RIR category, which reservoir clips) is drawn from a CPU
+``torch.Generator``. In training, :meth:`Augmenter.at_step` seeds it from (seed, rank, step) and puts the banks'
+reservoirs where they are after that step, so a resumed run draws what an uninterrupted one draws, on every rank,
+with nothing to checkpoint.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -133,6 +135,12 @@ def fft_length(n: int) -> int:
     return best
 
 
+def step_generator(seed: int, stream: int, step: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, stream, step) alone (numpy's SeedSequence mixes them into 64 bits)."""
+    high, low = np.random.SeedSequence([seed, stream, 13, step]).generate_state(2)
+    return torch.Generator().manual_seed(int(high) << 32 | int(low))
+
+
 def level_db(x: Tensor, floor: float = 1e-4) -> Tensor:
     """The seed's loudness: 10·log10(mean(x²) + floor) over the last axis."""
     return 10 * torch.log10(x.square().mean(-1) + floor)
@@ -170,11 +178,12 @@ class Augmenter:
     """``augmenter(waveforms (…, L) float, generator) → (…, L)``, same dtype and device; no loop over utterances."""
 
     def __init__(self, config: AugmentConfig, noise_bank: NoiseBank | None = None, rir_bank: NoiseBank | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, stream: int = 0) -> None:
         self.config = config
+        self.seed, self.stream = seed, stream
         self.noise_bank = noise_bank
         self.rir_bank = rir_bank
-        self.generator = torch.Generator().manual_seed(seed)  # used when a call passes none; checkpoint its state
+        self.generator = torch.Generator().manual_seed(seed)  # used when a call passes none
         self._rir_categories: list[str] = []
         self._rir_weights = torch.ones(1)
         if not config.enabled:
@@ -202,6 +211,14 @@ class Augmenter:
                 )
             self._rir_categories = chosen
             self._rir_weights = torch.tensor([float(files[c]) for c in chosen])
+
+    def at_step(self, step: int) -> torch.Generator:
+        """The banks as they are after ``step`` training steps, and that step's generator: (seed, stream, step) alone
+        decide the step's augmentation, so resuming needs no saved state."""
+        for bank in (self.noise_bank, self.rir_bank):
+            if bank is not None:
+                bank.seek(step)
+        return step_generator(self.seed, self.stream, step)
 
     def __call__(self, waveforms: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if not self.config.enabled:
@@ -231,20 +248,20 @@ class Augmenter:
             n = int((types == AUG_TYPES.index(kind)).sum())
             if n:
                 k = config.clips(kind)[1]
-                clips = torch.from_numpy(self.noise_bank.take(kind, n * k))
+                clips = torch.from_numpy(self.noise_bank.take(kind, n * k, g))
                 plan.clips[kind] = clips.reshape(n, k, -1)
         reverb_rows = plan.rows("reverb")
         if len(reverb_rows):
-            plan.clips["reverb"] = self._take_rirs(rir_category[reverb_rows])
+            plan.clips["reverb"] = self._take_rirs(rir_category[reverb_rows], g)
         return plan
 
-    def _take_rirs(self, categories: Tensor) -> Tensor:
+    def _take_rirs(self, categories: Tensor, generator: torch.Generator) -> Tensor:
         """int16 (rows, longest), row i an RIR of category ``self._rir_categories[categories[i]]``."""
         taken: list[tuple[Tensor, Tensor]] = []
         for c, name in enumerate(self._rir_categories):
             rows = torch.nonzero(categories == c).squeeze(1)
             if len(rows):
-                taken.append((rows, torch.from_numpy(self.rir_bank.take(name, len(rows)))))
+                taken.append((rows, torch.from_numpy(self.rir_bank.take(name, len(rows), generator))))
         out = torch.zeros(len(categories), max(r.shape[1] for _, r in taken), dtype=torch.int16)
         for rows, rirs in taken:
             out[rows, : rirs.shape[1]] = rirs

@@ -178,19 +178,6 @@ class TrainResult:
     validations: list[dict]
 
 
-class GeneratorState:
-    """A torch.Generator that accelerate checkpoints (augmentation draws resume where they stopped)."""
-
-    def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def state_dict(self) -> dict:
-        return {"state": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["state"])
-
-
 def build_augmenter(config: Config, accelerator: Accelerator):
     if not config.augment.enabled:
         return None
@@ -213,7 +200,7 @@ def build_augmenter(config: Config, accelerator: Accelerator):
     no_rir = {"p_reverb": 0.0} if rirs is None else {}
     base = AugmentConfig()
     p_none = base.p_none + sum(getattr(base, k) for k in {**no_musan, **no_rir})
-    return Augmenter(AugmentConfig(**no_musan, **no_rir, p_none=p_none), musan, rirs, seed=config.train.seed)
+    return Augmenter(AugmentConfig(**no_musan, **no_rir, p_none=p_none), musan, rirs, seed=config.train.seed, stream=stream)
 
 
 def train(config: Config, *, force: bool = False, stop_after_steps: int | None = None,
@@ -252,21 +239,21 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
     if config.train.compile:
         model = torch.compile(model)
     augmenter = build_augmenter(config, accelerator)
-    augment_rng = GeneratorState(config.train.seed + 1000 * rank)
-    accelerator.register_for_checkpointing(scheduler, augment_rng)
+    accelerator.register_for_checkpointing(scheduler)
 
     progress = Progress()
+    # per-epoch coverage of this rank's share of the usable utterances, and damaged input skipped
+    meter = EpochMeter(usable_utterances(shards.index, data, world * max(1, config.data.workers)) // world)
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         progress = Progress.load(checkpoint / "progress.json")
+        load_meter(meter, checkpoint, rank, accelerator)
         accelerator.print(f"resuming from {checkpoint} (epoch {progress.epoch}, step {progress.step})")
     # The loader is not prepared: each rank reads its own streams; the start position comes from progress.
     batches = iter(train_loader(shards, data, rank=rank, world_size=world, workers=config.data.workers,
                                 start_batch=progress.batch, pin_memory=torch.cuda.is_available()))
     stop = StopFlag()
-    # per-epoch coverage of this rank's share of the usable utterances, and damaged input skipped
-    meter = EpochMeter(usable_utterances(shards.index, data, world * max(1, config.data.workers)) // world)
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator)
     bar = EpochBar(accelerator.is_main_process)
     last_loss, validations = float("nan"), []
@@ -291,9 +278,10 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
             batch = next(batches)
             meter.update(batch)
             started = time.perf_counter()
+            # the step's augmentation is a function of (seed, rank, batch index): exact on resume, nothing saved
+            generator = augmenter.at_step(progress.batch) if augmenter is not None else None
             with accelerator.accumulate(model, loss):
-                value, accuracy, augmented = training_step(model, loss, batch, accelerator, config, augmenter,
-                                                           augment_rng.generator)
+                value, accuracy, augmented = training_step(model, loss, batch, accelerator, config, augmenter, generator)
                 optimizer.step()
                 if config.schedule.interval == "step" and accelerator.sync_gradients and config.schedule.name != "plateau":
                     scheduler.step()
@@ -323,7 +311,7 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
                     stop.event.set()
             if stop or (stop_after_steps and progress.step >= stop_after_steps) or (
                     config.train.save_every_steps and progress.step % config.train.save_every_steps == 0):
-                save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints)
+                save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints, meter)
                 if stop or (stop_after_steps and progress.step >= stop_after_steps):
                     return finish(bool(stop))
             if config.train.max_steps and progress.step >= config.train.max_steps:
@@ -346,7 +334,7 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
                     scheduler.step(result["eer"])
             elif config.schedule.interval == "epoch":
                 scheduler.step()
-        save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints)
+        save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints, meter)
         if not epoch_done or (config.train.max_steps and progress.step >= config.train.max_steps):
             break  # max_steps reached (inside an epoch or at its end)
     return finish(False)
@@ -438,9 +426,24 @@ def training_step(model, loss, batch: dict, accelerator: Accelerator, config: Co
     return float(value.detach()), float(accuracy), augmented
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: Progress, keep: int) -> Path:
+def meter_path(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / f"data_meter_{rank}.safetensors"
+
+
+def load_meter(meter: EpochMeter, checkpoint: Path, rank: int, accelerator: Accelerator) -> None:
+    """The epoch's data report so far, so the report after a resume covers the whole epoch."""
+    if meter_path(checkpoint, rank).exists():
+        meter.load(meter_path(checkpoint, rank))
+    else:  # a checkpoint of an earlier speakerid
+        accelerator.print(f"{checkpoint} holds no data report: this epoch's report covers only the part after the resume")
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: Progress, keep: int, meter: EpochMeter) -> Path:
     path = run_dir / "checkpoints" / f"step-{progress.step:08d}"
     accelerator.save_state(str(path))
+    path.mkdir(parents=True, exist_ok=True)
+    meter.save(meter_path(path, accelerator.process_index))
+    accelerator.wait_for_everyone()  # every rank's part is written before progress.json marks it complete
     if accelerator.is_main_process:
         progress.save(path / "progress.json")  # written last: a checkpoint without it is incomplete
         done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "progress.json").exists())

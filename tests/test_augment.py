@@ -187,3 +187,77 @@ def test_missing_banks_or_categories_fail_at_start(shards):
         Augmenter(AugmentConfig(), NoiseBank(ShardSet.open(shards["rirs"]), clip_samples=L, reservoir=4))
     with pytest.raises(SpeakeridError, match="no RIR category mediumroom"):
         _augmenter(shards, AugmentConfig(rir_categories=("mediumroom",)))
+
+
+def _bank(shards, name, stream=0, n_streams=2, **options) -> NoiseBank:
+    clip_samples = L if name == "musan" else None
+    return NoiseBank(ShardSet.open(shards[name]), clip_samples=clip_samples, seed=3, stream=stream, n_streams=n_streams,
+                     **options)
+
+
+@pytest.mark.parametrize("name", ["musan", "rirs"])
+def test_a_bank_rebuilt_at_a_step_holds_what_reading_through_gives(shards, name):
+    """A resumed bank decodes only the files its slots hold after step s; the clips are those of a bank that read on."""
+    walked = _bank(shards, name, reservoir=2, refresh=1)
+    first = {k: walked.take(k, 40, torch.Generator().manual_seed(1)) for k in walked._capacity}
+    for step in range(1, 13):
+        walked.seek(step)
+    resumed = _bank(shards, name, reservoir=2, refresh=1)
+    resumed.seek(12)
+    for k in walked._capacity:
+        clips = walked.take(k, 40, torch.Generator().manual_seed(1))
+        assert np.array_equal(clips, resumed.take(k, 40, torch.Generator().manual_seed(1)))
+    if name == "musan":  # new crops came in (an RIR bank this small holds each of its files whole, always)
+        assert any(not np.array_equal(first[k], walked.take(k, 40, torch.Generator().manual_seed(1))) for k in first)
+
+
+NO_MUSIC = AugmentConfig(p_none=0.4, p_music=0.0)  # the two music files lie in one shard: one stream has none
+
+
+def test_a_step_draws_the_same_on_a_fresh_augmenter_and_its_own_on_each_rank(shards):
+    """(seed, rank, step) decide a step's augmentation: a resumed run replays it, another rank does not."""
+    def plan(stream: int, step: int):  # one RIR bank for both ranks: this tiny set has one room per shard
+        augmenter = Augmenter(NO_MUSIC, _bank(shards, "musan", stream, reservoir=4),
+                              _bank(shards, "rirs", 0, 1, reservoir=4), seed=3, stream=stream)
+        for earlier in range(step):  # the uninterrupted run's banks read on step by step
+            augmenter.at_step(earlier)
+        return augmenter.draw(64, augmenter.at_step(step))
+
+    walked, resumed, other_rank = plan(0, 6), _resumed_plan(shards, 0, 6), plan(1, 6)
+    assert torch.equal(walked.types, resumed.types) and torch.equal(walked.snr_db, resumed.snr_db)
+    assert walked.clips.keys() == resumed.clips.keys()
+    assert all(torch.equal(walked.clips[k], resumed.clips[k]) for k in walked.clips)
+    assert not torch.equal(walked.types, other_rank.types)
+
+
+def _resumed_plan(shards, stream: int, step: int):
+    augmenter = Augmenter(NO_MUSIC, _bank(shards, "musan", stream, reservoir=4),
+                          _bank(shards, "rirs", 0, 1, reservoir=4), seed=3, stream=stream)
+    return augmenter.draw(64, augmenter.at_step(step))
+
+
+def test_a_noise_file_that_does_not_decode_leaves_its_slot_alike_when_reading_on_or_rebuilding(shards, tmp_path):
+    import shutil
+    import tarfile
+
+    damaged = tmp_path / "musan"
+    shutil.copytree(shards["musan"], damaged)
+    for shard in sorted(damaged.glob("*.tar")):  # the first audio member of every shard loses its magic number
+        with tarfile.open(shard) as tar:
+            offset = next(m.offset_data for m in tar.getmembers() if not m.name.endswith(".json"))
+        data = bytearray(shard.read_bytes())
+        data[offset:offset + 4] = b"XXXX"
+        shard.write_bytes(bytes(data))
+
+    def bank():
+        return NoiseBank(ShardSet.open(damaged), clip_samples=L, seed=3, n_streams=1, reservoir=2, refresh=1)
+
+    walked = bank()
+    for step in range(15):
+        walked.seek(step)
+    resumed = bank()
+    resumed.seek(14)
+    assert walked.faults.corrupt_members > 0 and resumed.faults.corrupt_members > 0
+    for k in walked._capacity:
+        assert np.array_equal(walked.take(k, 40, torch.Generator().manual_seed(1)),
+                              resumed.take(k, 40, torch.Generator().manual_seed(1)))

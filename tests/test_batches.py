@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -21,7 +22,8 @@ import soundfile
 import torch
 
 from speakerid.audio import crop_start, wrap_pad
-from speakerid.data.batches import BatchConfig, TrainStream, batches_per_epoch, train_loader, usable_utterances
+from speakerid.data.batches import (BatchConfig, Pool, TrainStream, Utterance, batches_per_epoch, train_loader,
+                                    usable_utterances)
 from speakerid.data.lists import read_train_list, utterance_key
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.shardset import ShardSet, assign_streams
@@ -256,3 +258,39 @@ def test_two_processes_under_accelerate_get_disjoint_utterances_and_equal_counts
     assert ranks[0]["batches"] == ranks[1]["batches"] == ranks[0]["batches_per_epoch"] >= 1
     assert ranks[0]["world_size"] == 2 and {r["rank"] for r in ranks} == {0, 1}
     assert not set(ranks[0]["keys"]) & set(ranks[1]["keys"])
+
+
+def _zero_flac_frames(shard: Path) -> None:
+    """Zero every flac member's frames in place (headers and json intact): the tar parses, the audio does not decode."""
+    with tarfile.open(shard) as tar:
+        members = [(m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith(".flac")]
+    data = bytearray(shard.read_bytes())
+    for offset, size in members:
+        data[offset + 100:offset + size] = bytes(size - 100)
+    shard.write_bytes(bytes(data))
+
+
+def test_skipping_drops_the_same_undecodable_tuples_as_decoding(flac_shards, tmp_path):
+    """Resume skips batches without yielding them: the tuples it drops (and counts) must be the decoded run's."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(flac_shards, damaged)
+    for shard in sorted(damaged.glob("*.tar"))[:4]:
+        _zero_flac_frames(shard)
+    shards = ShardSet.open(damaged)
+    whole = list(itertools.islice(TrainStream(shards, CONFIG, 0, 1).batches(), 12))
+    resumed = list(itertools.islice(TrainStream(shards, CONFIG, 0, 1).batches(skip=6), 6))
+    assert whole[5]["faults"]["corrupt_members"] > 0  # damaged members were met in the skipped part
+    assert [b["keys"] for b in resumed] == [b["keys"] for b in whole[6:]]
+    assert [b["faults"] for b in resumed] == [b["faults"] for b in whole[6:]]
+    assert all(torch.equal(a["audio"], b["audio"]) for a, b in zip(resumed, whole[6:]))
+
+
+def test_every_undecodable_member_of_a_tuple_is_counted(flac_shards):
+    stream = TrainStream(ShardSet.open(flac_shards), CONFIG, 0, 1)
+    pool = Pool()
+    good = np.zeros(CONFIG.crop_samples, dtype=np.int16)
+    for label in range(3):
+        pool.add([Utterance(f"good{label}/{j}", label, 99999, 0.5, good, 0) for j in range(2)])
+    pool.add([Utterance(f"bad/{j}", 7, 99999, 0.5, b"not a flac file", 0) for j in range(2)])
+    assert stream._draw(pool, np.random.default_rng(0), 0, decode=True) is None  # 3 good speakers < N = 4
+    assert stream.faults.corrupt_members == 2 and pool.size == 3  # both bad members counted, good tuples kept

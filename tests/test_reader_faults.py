@@ -178,8 +178,9 @@ def test_a_noise_bank_shard_failing_k_passes_in_a_row_is_an_error_naming_it(tmp_
     urls = [f"pipe:exit 2 # {names[0]}", f"pipe:cat {out / names[1]}"]
     with deadline(60), pytest.raises(SpeakeridError, match=rf"{names[0]}: the command exited with status 2 "
                                                            r"— failed 3 times in a row"):
-        bank = NoiseBank(ShardSet.open(out, urls=urls), clip_samples=4000, refresh=4)  # 2 passes: 4 clips
-        bank.take("noise", 1)  # 4 new clips: the third pass, the third failure
+        bank = NoiseBank(ShardSet.open(out, urls=urls), clip_samples=4000, refresh=4)  # a step reads a pass
+        for step in range(10):  # the fill reads pass 0, each step one more pass: the third fails for good
+            bank.seek(step)
 
 
 def test_training_with_a_server_killed_mid_run_exits_with_the_url(wav_shards, tmp_path):

@@ -53,6 +53,39 @@ def test_resume_after_a_stop_is_bit_identical_to_an_uninterrupted_run(train_shar
             assert torch.equal(a[key], b[key]), f"{key} differs after resume"
 
 
+def _data_reports(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k.startswith("data_")} for r in records if "data_coverage" in r]
+
+
+def test_resume_with_undecodable_members_gives_the_same_weights_and_data_reports(train_shards, tmp_path):
+    """Skipped batches drop the same damaged tuples as decoded ones; the report of the epoch cut by the stop covers
+    all of it."""
+    import shutil
+    import tarfile
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(train_shards, damaged)
+    for shard in sorted(damaged.glob("*.tar"))[:3]:  # every flac member's frames zeroed: it parses, it does not decode
+        with tarfile.open(shard) as tar:
+            members = [(m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith(".flac")]
+        data = bytearray(shard.read_bytes())
+        for offset, size in members:
+            data[offset + 100:offset + size] = bytes(size - 100)
+        shard.write_bytes(bytes(data))
+    run_module("train", *_args(damaged, tmp_path / "whole"))
+    run_module("train", *_args(damaged, tmp_path / "resumed"), "--stop-after-steps", "13")  # in the second epoch
+    run_module("train", *_args(damaged, tmp_path / "resumed"))
+    whole, resumed = _data_reports(tmp_path / "whole"), _data_reports(tmp_path / "resumed")
+    assert len(whole) == 2 and whole[1]["data_corrupt_members"] > 0
+    assert resumed == whole
+    model_a, loss_a, name_a = _final_weights(tmp_path / "whole")
+    model_b, loss_b, name_b = _final_weights(tmp_path / "resumed")
+    assert name_a == name_b
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["model.name=ResNet999"], "unknown model 'ResNet999'"),
     (["loss.name=angleprot"], "angleprot"),
@@ -148,28 +181,33 @@ def test_sigusr1_checkpoints_exits_0_and_the_resumed_run_is_bit_identical(train_
     assert all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
 
 
-def test_training_with_on_device_augmentation_from_noise_shards(train_shards, tmp_path):
-    """MUSAN-like and RIR banks packed by shardify feed the batched augmentation inside the training loop."""
+@pytest.fixture(scope="module")
+def noise_banks(tmp_path_factory):
+    """MUSAN-like (noise/speech/music) and RIR banks packed by shardify: the augment.* options that use them."""
     import numpy as np
     import soundfile
 
     from speakerid.data.lists import scan_audio_tree
 
+    base = tmp_path_factory.mktemp("banks")
     rng = np.random.default_rng(0)
     banks = {}
     for bank, categories in (("musan", ("noise", "speech", "music")), ("rirs", ("smallroom",))):
-        root = tmp_path / bank
+        root = base / bank
         for category in categories:
             for i in range(3):
                 path = root / category / f"{category}-{i}.wav"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 length = 4000 if bank == "rirs" else 24000
                 soundfile.write(path, (rng.standard_normal(length) * 3000).astype(np.int16), 16000)
-        banks[bank] = tmp_path / f"{bank}-shards"
+        banks[bank] = base / f"{bank}-shards"
         pack(make_plan(scan_audio_tree(root), root, PackConfig(kind="noise")), root, banks[bank])
-    result = run_module("train", *_args(train_shards, tmp_path / "run", "max_epoch=1", "train.log_every=1",
-                                        "augment.enabled=true",
-                                        f"augment.musan_shards={banks['musan']}", f"augment.rir_shards={banks['rirs']}"))
+    return ["augment.enabled=true", f"augment.musan_shards={banks['musan']}", f"augment.rir_shards={banks['rirs']}"]
+
+
+def test_training_with_on_device_augmentation_from_noise_shards(train_shards, noise_banks, tmp_path):
+    """MUSAN-like and RIR banks packed by shardify feed the batched augmentation inside the training loop."""
+    result = run_module("train", *_args(train_shards, tmp_path / "run", "max_epoch=1", "train.log_every=1", *noise_banks))
     assert "done: epoch 1" in result.stderr
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     augmented = [r["augmented"] for r in records if "augmented" in r]
@@ -178,3 +216,32 @@ def test_training_with_on_device_augmentation_from_noise_shards(train_shards, tm
     assert epoch["data_coverage"] >= 0.9 and epoch["data_corrupt_members"] == epoch["data_damaged_shards"] == 0
     missing = run_module("train", *_args(train_shards, tmp_path / "run2", "augment.enabled=true"), check=False)
     assert missing.returncode == 2 and "augment.enabled needs augment.musan_shards" in missing.stderr
+
+
+def _assert_same_final_weights(run_a, run_b):
+    model_a, loss_a, name_a = _final_weights(run_a)
+    model_b, loss_b, name_b = _final_weights(run_b)
+    assert name_a == name_b
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a), "model weights differ after resume"
+    assert all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a), "loss weights differ after resume"
+
+
+def test_resume_with_augmentation_is_bit_identical(train_shards, noise_banks, tmp_path):
+    """The step's augmentation (draws and noise-bank clips) is a function of (seed, rank, step): nothing to restore."""
+    run_module("train", *_args(train_shards, tmp_path / "whole", *noise_banks))
+    run_module("train", *_args(train_shards, tmp_path / "resumed", *noise_banks), "--stop-after-steps", "7")
+    run_module("train", *_args(train_shards, tmp_path / "resumed", *noise_banks))
+    _assert_same_final_weights(tmp_path / "whole", tmp_path / "resumed")
+
+
+def test_two_processes_with_augmentation_resume_bit_identical(train_shards, noise_banks, tmp_path):
+    """Every rank resumes its own augmentation (rank 1 does not replay rank 0's): DDP's averaged steps match."""
+    def launch(run_dir, *extra):
+        process = _launch("-m", "train", *_args(train_shards, run_dir, *noise_banks), *extra, port=_free_port())
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output
+
+    launch(tmp_path / "whole")
+    launch(tmp_path / "resumed", "--stop-after-steps", "5")  # 4 steps an epoch on 2 ranks: inside the second
+    launch(tmp_path / "resumed")
+    _assert_same_final_weights(tmp_path / "whole", tmp_path / "resumed")

@@ -16,6 +16,8 @@ world size, workers, batch index) and skipping to batch k reads the skipped shar
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from collections import defaultdict, deque
@@ -150,6 +152,7 @@ class Utterance:
     u: float  # the crop position draw, made when the utterance is read
     payload: object  # wav: the int16 crop, cut at once; flac: the member bytes, decoded at emission
     pass_number: int
+    checked: bool = False  # its json carries a crc32 the parser verified
 
 
 def read_shard(url: str, faults: Faults, io_timeout: float = DEFAULT_IO_TIMEOUT) -> Iterator[dict]:
@@ -212,8 +215,6 @@ def interleave(urls: list[str], open_shards: int, rng: np.random.Generator, faul
 def parse(samples: Iterator[dict], encoding: str, crop_samples: int, rng: np.random.Generator,
           pass_number: int, faults: Faults) -> Iterator[Utterance]:
     """Member bytes → Utterance; a wav crop is cut here (a slice, no decoding), flac waits for emission."""
-    import json
-
     for sample in samples:
         try:
             meta = json.loads(sample["json"])
@@ -233,7 +234,7 @@ def parse(samples: Iterator[dict], encoding: str, crop_samples: int, rng: np.ran
             faults.corrupt_members += 1
             log.warning("%s: skipping a damaged sample: %r", sample.get("__key__"), error)
             continue
-        yield Utterance(sample["__key__"], label, n, u, payload, pass_number)
+        yield Utterance(sample["__key__"], label, n, u, payload, pass_number, checked="crc32" in meta)
 
 
 def apply_quota(utterances: Iterator[Utterance], quota: dict[int, int]) -> Iterator[Utterance]:
@@ -358,21 +359,34 @@ class TrainStream:
             "read (`python -m shardify verify`, the server or pipe: command)"
         )
 
+    def _crop(self, utt: Utterance, decode: bool) -> object:
+        """The utterance's int16 crop (a flac member is decoded here); None, counted, when it does not decode.
+
+        Skipping (decode=False) still decodes flac crops without a checksum, so a skipped batch drops exactly
+        the tuples a decoded one drops; a member whose crc32 the parser verified is taken as sound."""
+        if isinstance(utt.payload, np.ndarray) or (utt.checked and not decode):
+            return utt.payload
+        try:
+            return read_crop(utt.payload, "flac", utt.samples, self.config.crop_samples, utt.u)
+        except (ValueError, RuntimeError) as error:
+            if utt.checked:  # skipping would have kept it: dropping it here would make resume inexact
+                raise SpeakeridError(f"{utt.key}: member passes its crc32 but does not decode ({error}); "
+                                     "find such members with `shardify verify --decode` and re-pack") from error
+            self.faults.corrupt_members += 1
+            log.warning("%s: skipping an undecodable member: %s", utt.key, error)
+            return None
+
     def _draw(self, pool: Pool, rng: np.random.Generator, pass_number: int, decode: bool) -> dict | None:
         n, m, length = self.config.n_speakers, self.config.utts_per_speaker, self.config.crop_samples
         chosen: list[list[Utterance]] = []
         crops = np.empty((n, m, length), dtype=np.int16) if decode else None
         for label in pool.draw_order(rng, pass_number):
             t = pool.pop(label)
+            tuple_crops = [self._crop(utt, decode) for utt in t]
+            if any(crop is None for crop in tuple_crops):  # a member that does not decode: drop the tuple
+                continue
             if decode:
-                try:
-                    for j, utt in enumerate(t):
-                        crops[len(chosen), j] = (utt.payload if isinstance(utt.payload, np.ndarray) else
-                                                 read_crop(utt.payload, "flac", utt.samples, length, utt.u))
-                except (ValueError, RuntimeError) as error:  # a member that does not decode: drop the tuple
-                    self.faults.corrupt_members += 1
-                    log.warning("%s: skipping an undecodable member: %s", t[0].key, error)
-                    continue
+                crops[len(chosen)] = np.stack(tuple_crops)
             chosen.append(t)
             if len(chosen) == n:
                 break
@@ -461,19 +475,20 @@ def train_loader(shards: ShardSet, config: BatchConfig, *, rank: int = 0, world_
 class EpochMeter:
     """Per-epoch coverage (share of usable utterances seen) and faults, from the batches a rank consumed.
 
-    Faults are cumulative per stream in each batch; the epoch's count is the growth of their sum.
+    Faults are cumulative per stream in each batch; the epoch's count is the growth of their sum. Utterance keys
+    are kept as 64-bit hashes (8 bytes each) so the state a checkpoint saves stays small at VoxCeleb scale.
     """
 
     def __init__(self, usable: int) -> None:
         self.usable = usable
-        self.seen: set[str] = set()
+        self.seen: set[int] = set()
         self.crops = 0
         self._faults_at: dict[int, dict] = {}
         self._faults_start: dict[int, dict] = {}
 
     def update(self, batch: dict) -> None:
         for t in batch["keys"]:
-            self.seen.update(t)
+            self.seen.update(key_hash(k) for k in t)
             self.crops += len(t)
         self._faults_at[batch["stream"]] = batch["faults"]
 
@@ -487,3 +502,26 @@ class EpochMeter:
         self.seen.clear()
         self.crops = 0
         self._faults_start = {s: dict(f) for s, f in self._faults_at.items()}
+
+    def save(self, path) -> None:
+        """The epoch so far as safetensors (hashes) + JSON metadata: a resumed run reports the whole epoch."""
+        from safetensors.numpy import save_file
+
+        state = {"crops": self.crops, "faults_at": self._faults_at, "faults_start": self._faults_start}
+        seen = np.fromiter(sorted(self.seen), dtype=np.uint64, count=len(self.seen))
+        save_file({"seen": seen}, str(path), metadata={"state": json.dumps(state)})
+
+    def load(self, path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as f:
+            state = json.loads(f.metadata()["state"])
+            self.seen = set(f.get_tensor("seen").tolist())
+        self.crops = state["crops"]
+        self._faults_at = {int(s): f for s, f in state["faults_at"].items()}  # JSON keys are strings
+        self._faults_start = {int(s): f for s, f in state["faults_start"].items()}
+
+
+def key_hash(key: str) -> int:
+    """A stable 64-bit hash of an utterance key (Python's hash() changes between processes)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
