@@ -20,7 +20,7 @@ import webdataset as wds
 
 from speakerid.audio import read_audio
 from speakerid.data.index import load_index
-from speakerid.data.lists import read_train_list, utterance_key
+from speakerid.data.lists import read_train_list, read_trials, utterance_key
 from tests.conftest import REPO
 
 
@@ -403,4 +403,27 @@ def test_train_without_a_list_refuses_files_without_a_speaker_folder(shardify, c
     shutil.copy(Path(corpus.root) / first.relpath, root / "loose.wav")
     result = shardify("pack", "--root", root, "--out", tmp_path / "o", check=False)
     assert result.returncode == 2 and "loose.wav" in result.stderr and "--list" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------- issue 11 (C)
+
+def test_a_list_saved_with_a_bom_packs_the_same_shards(shardify, corpus, tmp_path):
+    text = Path(corpus.train_list).read_text()
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeff".encode() + text.encode())
+    pack_train(shardify, corpus, tmp_path / "plain", "--max-utts", 16)
+    shardify("pack", "--list", bom, "--root", corpus.root, "--out", tmp_path / "bom", "--max-utts", 16)
+    assert load_index(tmp_path / "bom") == load_index(tmp_path / "plain")
+    trials = tmp_path / "trials.txt"
+    trials.write_bytes("\ufeff".encode() + Path(corpus.trials).read_bytes())
+    assert read_trials(trials)[0].label in (0, 1)
+
+
+def test_a_nul_byte_in_a_list_names_the_file_and_line(shardify, corpus, tmp_path):
+    lines = Path(corpus.train_list).read_text().splitlines()
+    broken = _write_list(tmp_path / "list.txt", lines[:2] + [lines[2].replace("/", "\0", 1)] + lines[3:])
+    result = shardify("pack", "--list", broken, "--root", corpus.root, "--out", tmp_path / "o", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{broken}: NUL byte(s) on line(s) 3" in result.stderr
     assert not (tmp_path / "o").exists()
