@@ -208,7 +208,8 @@ def run_verify(args) -> int:
                   str(totals["samples"]), f"{totals['duration'] / 3600:.2f}", human_bytes(totals["bytes"]))
     console.print(table)
     for check in result.bad:
-        console.print(f"[red]BAD[/] {escape(check.name)}: {escape('; '.join(check.problems))}", highlight=False)
+        for problem in check.problems:  # every bad member, one line each
+            console.print(f"[red]BAD[/] {escape(check.name)}: {escape(problem)}", highlight=False)
     for stray in result.strays:
         console.print(f"[yellow]note[/]: {escape(stray)} is in the directory but not in the index")
     if not result.ok:

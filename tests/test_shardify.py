@@ -427,3 +427,58 @@ def test_a_nul_byte_in_a_list_names_the_file_and_line(shardify, corpus, tmp_path
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{broken}: NUL byte(s) on line(s) 3" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_out_naming_a_file_and_a_damaged_index_or_plan_each_get_one_message(shardify, corpus, tmp_path):
+    a_file = tmp_path / "shards.tar"
+    a_file.write_bytes(b"")
+    result = pack_train(shardify, corpus, a_file, check=False)
+    assert result.returncode == 2 and f"--out {a_file} is a file" in result.stderr and "Traceback" not in result.stderr
+
+    out = tmp_path / "o"
+    pack_train(shardify, corpus, out, "--max-utts", 16)
+    whole = load_index(out)
+    (out / "index.json").write_bytes((out / "index.json").read_bytes()[:100])
+    result = shardify("verify", out, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{out / 'index.json'}: cannot read it" in result.stderr and f"python -m shardify merge {out}" in result.stderr
+    shardify("merge", out)  # the fix the message gives
+    assert load_index(out) == whole
+    shardify("verify", out)
+
+    plan = out / ".shardify" / "plan.json"
+    plan.write_text(plan.read_text()[:50])
+    result = pack_train(shardify, corpus, out, "--max-utts", 16, check=False)
+    assert result.returncode == 2 and f"{plan}: cannot read it" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_leftover_temporary_json_of_a_killed_write_is_removed_by_the_next_run(shardify, corpus, tmp_path):
+    out = tmp_path / "o"
+    pack_train(shardify, corpus, out, "--max-utts", 16)
+    names = [s["name"] for s in load_index(out)["shards"]]
+    (out / names[-1]).unlink()  # an unfinished shard, as after a kill
+    (out / "index.json").unlink()
+    leftovers = [out / ".shardify" / f".{names[-1]}.json.tmp-4194999", out / ".shardify" / ".plan.json.tmp-4194999",
+                 out / ".index.json.tmp-4194999", out / f".{names[-1]}.tmp-4194999"]
+    for path in leftovers:  # what a kill -9 during write_json_atomic (or a shard write) leaves
+        path.write_text('{"half": ')
+    pack_train(shardify, corpus, out, "--max-utts", 16)
+    assert [p for p in leftovers if p.exists()] == []
+    shardify("verify", out)
+
+
+def test_verify_decode_names_every_bad_member(shardify, corpus, tmp_path):
+    import tarfile
+    out = tmp_path / "o"
+    pack_train(shardify, corpus, out, "--max-utts", 16, "--encoding", "wav")
+    victim = out / load_index(out)["shards"][0]["name"]
+    with tarfile.open(victim) as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith(".wav")][:2]
+    data = bytearray(victim.read_bytes())
+    for member in members:  # the tar still parses, the wav headers do not
+        data[member.offset_data:member.offset_data + 4] = b"JUNK"
+    victim.write_bytes(bytes(data))
+    result = shardify("verify", out, "--decode", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    for member in members:
+        assert f"BAD {victim.name}: member {member.name} does not decode" in result.stderr

@@ -10,6 +10,7 @@ produce the same shards and the same index.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ import webdataset as wds
 
 from speakerid import __version__
 from speakerid.audio import AudioError, encode, read_audio
-from speakerid.data.index import FORMAT, INDEX_NAME, STATE_DIR, VERSION, write_json_atomic
+from speakerid.data.index import FORMAT, INDEX_NAME, STATE_DIR, VERSION, read_json, remove_temporaries, write_json_atomic
 from speakerid.data.lists import MAX_LISTED
 from speakerid.data.plan import Item, PackConfig, PackPlan
 from speakerid.errors import SpeakeridError
@@ -214,11 +215,31 @@ def pack(plan: PackPlan, root: str | Path, out_dir: str | Path, *, workers: int 
         raise SpeakeridError(f"--part {part} --parts {parts}: need 0 <= part < parts")
     listener = listener or PackListener()
     root, out_dir = Path(root), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SpeakeridError(f"--out {out_dir} is a file; --out names the directory the shards go to")
+    try:
+        return _pack_part(plan, root, out_dir, part, parts, workers, skip_bad, listener)
+    except OSError as error:  # a full disk, a quota, a read-only or vanished directory: not a bug to trace
+        raise _write_error(out_dir, error) from error
+
+
+def _write_error(out_dir: Path, error: OSError) -> SpeakeridError:
+    where = f"{error.filename}: " if error.filename else ""
+    fix = ("free space (or raise the quota)" if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+           else "fix the directory's permissions or mount")
+    return SpeakeridError(
+        f"{out_dir}: cannot write the shards: {where}{error.strerror or error}. {fix.capitalize()} and re-run the "
+        "same command: finished shards are kept, the unfinished one is a hidden temporary, never a .tar"
+    )
+
+
+def _pack_part(plan: PackPlan, root: Path, out_dir: Path, part: int, parts: int, workers: int, skip_bad: bool,
+               listener: PackListener) -> PackReport:
     _claim_directory(out_dir, plan)
     mine = [i for i in range(len(plan.names)) if i % parts == part]
-    for i in mine:  # temporaries of an interrupted run of this part; other parts' live files are left alone
-        for stale in out_dir.glob(f".{plan.names[i]}.tmp-*"):
-            stale.unlink(missing_ok=True)
+    # temporaries of an interrupted run of this part (shards, their stats); other parts' live files are left alone
+    remove_temporaries(out_dir, [plan.names[i] for i in mine])
+    remove_temporaries(out_dir / STATE_DIR, [f"{plan.names[i]}.json" for i in mine] + (["plan.json"] if parts == 1 else []))
     resumed = [plan.names[i] for i in mine if _is_finished(out_dir, plan.names[i])]
     jobs = [ShardJob(out_dir, root, plan.names[i], plan.shards[i], plan.config, skip_bad)
             for i in mine if plan.names[i] not in resumed]
@@ -313,7 +334,7 @@ def _claim_directory(out_dir: Path, plan: PackPlan) -> None:
     state = out_dir / STATE_DIR
     plan_path = state / "plan.json"
     if plan_path.exists():
-        existing = json.loads(plan_path.read_text())
+        existing = read_json(plan_path, f"delete {out_dir} and re-pack")
         if existing.get("digest") == plan.digest:
             return
         ours = asdict(plan.config)
@@ -338,7 +359,7 @@ def write_index(out_dir: str | Path) -> Path:
     plan_path = out_dir / STATE_DIR / "plan.json"
     if not plan_path.exists():
         raise SpeakeridError(f"{out_dir}: no {STATE_DIR}/plan.json; run `shardify pack` into it first")
-    plan = json.loads(plan_path.read_text())
+    plan = read_json(plan_path, f"delete {out_dir} and re-pack")
     unfinished = [(i, name) for i, name in enumerate(plan["names"]) if not _is_finished(out_dir, name)]
     if unfinished:
         shown = ", ".join(f"{name} (shard {i})" for i, name in unfinished[:MAX_LISTED])
@@ -364,5 +385,6 @@ def write_index(out_dir: str | Path) -> Path:
     if config["kind"] != "train":
         index["totals"]["speakers"] = len({k.split("/", 1)[0] for s in shards for k in s["keys"]})
     path = out_dir / INDEX_NAME
+    remove_temporaries(out_dir, [INDEX_NAME])  # of a merge or a last part killed while writing it
     write_json_atomic(path, index)
     return path
