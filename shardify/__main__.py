@@ -112,6 +112,9 @@ class RichListener(writer.PackListener):
         self.task = None
         self.bytes = 0
 
+    def note(self, text):
+        console.print(f"[yellow]note[/]: {escape(text)}", highlight=False)
+
     def started(self, plan, todo_utterances, resumed_shards):
         if resumed_shards:
             console.print(f"resuming: {resumed_shards} finished shard(s) kept")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -124,6 +127,7 @@ def test_resume_after_a_killed_run_gives_the_same_index(shardify, corpus, tmp_pa
 
     resumed = pack_train(shardify, corpus, out, "--max-utts", 1, "--chunk-size", 1)
     assert f"{finished} finished shard(s) kept" in resumed.stderr
+    assert f"taking over the lock of host {socket.gethostname()} pid {process.pid}" in resumed.stderr
     assert load_index(out) == load_index(tmp_path / "whole")
     assert not list(out.glob(".*.tmp-*")), "temporaries of the killed run are cleaned up"
     for name in (s["name"] for s in load_index(out)["shards"]):
@@ -482,3 +486,90 @@ def test_verify_decode_names_every_bad_member(shardify, corpus, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     for member in members:
         assert f"BAD {victim.name}: member {member.name} does not decode" in result.stderr
+
+
+@contextlib.contextmanager
+def _small_tmpfs(path: Path, size: str):
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.parametrize("limit", ["full tmpfs", "RLIMIT_FSIZE"])
+def test_a_full_disk_is_one_message_and_leaves_no_tar(shardify, corpus, tmp_path, limit):
+    with contextlib.ExitStack() as stack:
+        if limit == "full tmpfs":  # ENOSPC, the real thing
+            out = stack.enter_context(_small_tmpfs(tmp_path / "disk", "400k")) / "o"
+            kw = {}
+        else:  # EFBIG: a file size limit, as a quota would stop it; needs no root
+            out = tmp_path / "o"
+            kw = {"preexec_fn": lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))}
+        result = pack_train(shardify, corpus, out, "--max-utts", 16, "--encoding", "wav", "--workers", 2,
+                            check=False, **kw)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"{out}: cannot write the shards" in result.stderr and "Free space" in result.stderr
+        assert "re-run the same command" in result.stderr and not list(out.glob("*.tar"))
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid``, from /proc (zombies are dead)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid) and not fields.get("State", "").startswith("Z"):
+            found.append(int(status.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return not Path(f"/proc/{pid}/status").read_text().split("State:\t", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="finds the pool workers through /proc")
+def test_pool_workers_die_with_a_killed_parent(corpus, tmp_path):
+    process = _start_pack(corpus, tmp_path / "o", "--workers", 2)
+    _wait_for_shards(tmp_path / "o", 2, process)
+    process.send_signal(signal.SIGSTOP)  # mid-pack for sure, however fast this machine
+    workers = _children(process.pid)
+    assert len(workers) == 2, workers
+    process.kill()  # kill -9: no clean-up, no chance to stop the pool
+    process.wait()
+    deadline = time.monotonic() + 60
+    try:
+        while any(map(_alive, workers)):
+            assert time.monotonic() < deadline, f"pool workers {workers} outlived their parent"
+            time.sleep(0.1)
+    finally:
+        for pid in filter(_alive, workers):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_second_identical_run_is_refused_while_other_parts_run_concurrently(shardify, corpus, tmp_path):
+    out = tmp_path / "o"
+    first = _start_pack(corpus, out, "--part", 0, "--parts", 2)
+    _wait_for_shards(out, 2, first)
+    first.send_signal(signal.SIGSTOP)  # holds its lock, mid-pack, however fast this machine
+    try:
+        second = pack_train(shardify, corpus, out, "--max-utts", 1, "--chunk-size", 1, "--part", 0, "--parts", 2,
+                            check=False)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"is being packed by host {socket.gethostname()} pid {first.pid} since" in second.stderr
+    assert "Let that run finish" in second.stderr
+    other = pack_train(shardify, corpus, out, "--max-utts", 1, "--chunk-size", 1, "--part", 1, "--parts", 2)
+    assert "python -m shardify merge" in other.stderr
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr  # the refused run took nothing from the first
+    shardify("merge", out)
+    shardify("verify", out)

@@ -10,11 +10,15 @@ produce the same shards and the same index.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import signal
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -32,6 +36,8 @@ from speakerid.data.index import FORMAT, INDEX_NAME, STATE_DIR, VERSION, read_js
 from speakerid.data.lists import MAX_LISTED
 from speakerid.data.plan import Item, PackConfig, PackPlan
 from speakerid.errors import SpeakeridError
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (utterances, input bytes) just finished
 
@@ -169,12 +175,30 @@ def write_shard(job: ShardJob, progress: Progress | None = None) -> ShardResult:
 _queue = None
 
 
-def _init_worker(queue) -> None:
+def _init_worker(queue, parent: int) -> None:
     global _queue
     _queue = queue
+    _die_with_parent(parent)
     _stop.clear()
     signal.signal(signal.SIGINT, _request_stop)
     signal.signal(signal.SIGTERM, _request_stop)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker blocked on the pool's task pipe never notices its parent die (kill -9): make it die too."""
+    try:  # Linux: the kernel sends SIGKILL when the parent exits; its temporary is removed by the next run
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # 1 = PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):  # not Linux: watch for being re-parented instead
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _write_in_worker(job: ShardJob) -> ShardResult:
@@ -207,6 +231,9 @@ class PackListener:
 
     def shard_done(self, result: ShardResult) -> None: ...
 
+    def note(self, text: str) -> None:
+        log.warning("%s", text)
+
 
 def pack(plan: PackPlan, root: str | Path, out_dir: str | Path, *, workers: int = 1, part: int = 0,
          parts: int = 1, skip_bad: bool = False, listener: PackListener | None = None) -> PackReport:
@@ -236,6 +263,43 @@ def _write_error(out_dir: Path, error: OSError) -> SpeakeridError:
 def _pack_part(plan: PackPlan, root: Path, out_dir: Path, part: int, parts: int, workers: int, skip_bad: bool,
                listener: PackListener) -> PackReport:
     _claim_directory(out_dir, plan)
+    with _part_lock(out_dir, part, parts, listener):
+        return _write_part(plan, root, out_dir, part, parts, workers, skip_bad, listener)
+
+
+@contextmanager
+def _part_lock(out_dir: Path, part: int, parts: int, listener: PackListener):
+    """One writer per part of a directory (a double-submitted array task would delete the other's temporaries).
+
+    flock is released by the kernel when its holder dies, so a killed run never blocks the next one."""
+    path = out_dir / STATE_DIR / (f"lock-part-{part}-of-{parts}" if parts > 1 else "lock")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise SpeakeridError(
+                f"{out_dir}{f' (part {part} of {parts})' if parts > 1 else ''} is being packed by {holder} (lock: "
+                f"{path}). Let that run finish (or stop it), then re-run this command to resume; two runs into "
+                "one directory would destroy each other's shards") from None
+        except OSError as error:  # a filesystem without locks (some NFS/Lustre mounts)
+            listener.note(f"{path}: cannot lock ({error.strerror}); make sure no other run packs this part")
+        f.seek(0)
+        if previous := f.read().strip():
+            listener.note(f"taking over the lock of {previous}: that run ended without releasing it (killed?)")
+        f.seek(0)
+        f.truncate()
+        f.write(f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)  # emptied, not deleted: a run opening it meanwhile would lock a different file
+
+
+def _write_part(plan: PackPlan, root: Path, out_dir: Path, part: int, parts: int, workers: int, skip_bad: bool,
+                listener: PackListener) -> PackReport:
     mine = [i for i in range(len(plan.names)) if i % parts == part]
     # temporaries of an interrupted run of this part (shards, their stats); other parts' live files are left alone
     remove_temporaries(out_dir, [plan.names[i] for i in mine])
@@ -282,7 +346,8 @@ def _run_jobs(jobs: list[ShardJob], workers: int, listener: PackListener) -> lis
         return results
     context = get_context("fork")  # workers import nothing heavy (no torch), fork starts them instantly
     queue = context.Queue()
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(queue,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(queue, os.getpid())) as pool:
         futures = [pool.submit(_write_in_worker, job) for job in jobs]
         try:
             pending = set(futures)
