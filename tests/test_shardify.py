@@ -24,6 +24,7 @@ import webdataset as wds
 from speakerid.audio import read_audio
 from speakerid.data.index import load_index
 from speakerid.data.lists import read_train_list, read_trials, utterance_key
+from speakerid.errors import SpeakeridError
 from tests.conftest import REPO
 
 
@@ -573,3 +574,46 @@ def test_a_second_identical_run_is_refused_while_other_parts_run_concurrently(sh
     assert first.returncode == 0, stderr  # the refused run took nothing from the first
     shardify("merge", out)
     shardify("verify", out)
+
+
+def _one_speaker_list(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    for relpath, data in files.items():
+        (tmp_path / "root" / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "root" / relpath).write_bytes(data)
+    return _write_list(tmp_path / "list.txt", [f"{p.split('/')[0]} {p}" for p in files])
+
+
+def _wav_bytes(seconds: float) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, (np.sin(np.arange(int(16000 * seconds)) * 0.05) * 8000).astype(np.int16), 16000, format="WAV")
+    return buffer.getvalue()
+
+
+def test_truncated_and_too_short_files_are_refused_or_skipped_and_counted(shardify, tmp_path):
+    whole = _wav_bytes(2.0)
+    listed = _one_speaker_list(tmp_path, {"spk1/v/ok.wav": whole, "spk1/v/cut.wav": whole[:len(whole) // 2],
+                                          "spk1/v/short.wav": _wav_bytes(0.05)})
+    root = tmp_path / "root"
+    result = shardify("pack", "--list", listed, "--root", root, "--out", tmp_path / "o", check=False)
+    assert result.returncode == 2 and "2 audio file(s) cannot be decoded or used" in result.stderr
+    assert f"{root / 'spk1/v/cut.wav'}: truncated: its header announces 64000 bytes of audio, the file holds 31978" \
+        in result.stderr
+    assert f"{root / 'spk1/v/short.wav'}: 0.050 s of audio, shorter than the minimum 0.1 s" in result.stderr
+
+    shardify("pack", "--list", listed, "--root", root, "--out", tmp_path / "skip", "--skip-bad")
+    index = load_index(tmp_path / "skip")
+    assert sorted(s["src"] for s in index["skipped"]) == ["spk1/v/cut.wav", "spk1/v/short.wav"]
+    assert index["totals"]["samples"] == 1 and index["totals"]["skipped"] == 2
+
+    (root / "spk1/v/cut.wav").unlink()
+    listed = _write_list(listed, ["spk1 spk1/v/ok.wav", "spk1 spk1/v/short.wav"])
+    shardify("pack", "--list", listed, "--root", root, "--out", tmp_path / "short-ok", "--min-seconds", "0.04")
+    assert load_index(tmp_path / "short-ok")["totals"]["samples"] == 2
+
+
+def test_evaluation_refuses_what_shardify_refuses():
+    from speakerid.audio import MIN_SECONDS
+    from speakerid.evaluation import ExtractConfig, prepare_item
+    prepare_item("spk1/v/ok", np.zeros(int(MIN_SECONDS * 16000), np.int16), ExtractConfig())
+    with pytest.raises(SpeakeridError, match="utterance spk1/v/short has 800 samples"):
+        prepare_item("spk1/v/short", np.zeros(800, np.int16), ExtractConfig())

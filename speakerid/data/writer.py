@@ -128,7 +128,8 @@ def write_shard(job: ShardJob, progress: Progress | None = None) -> ShardResult:
                         raise KeyboardInterrupt
                     path = job.root / item.src
                     try:
-                        audio = read_audio(path, config.sample_rate, resample=config.resample, downmix=config.downmix)
+                        audio = read_audio(path, config.sample_rate, resample=config.resample, downmix=config.downmix,
+                                           min_seconds=config.shortest)
                     except AudioError as error:
                         bad.append({"src": item.src, "reason": str(error).removeprefix(f"{path}: ")})
                         continue
@@ -322,7 +323,7 @@ def _write_part(plan: PackPlan, root: Path, out_dir: Path, part: int, parts: int
         more = f"\n  … and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
         kept = sum(r.written for r in results) + len(resumed)
         raise SpeakeridError(
-            f"{len(bad)} audio file(s) cannot be decoded:\n{shown}{more}\n"
+            f"{len(bad)} audio file(s) cannot be decoded or used:\n{shown}{more}\n"
             "Fix or remove them from the list, or re-run with --skip-bad to leave them out (they are then "
             f"counted in the summary and the index). The {kept} finished shard(s) are kept: the re-run resumes."
         )
