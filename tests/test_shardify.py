@@ -617,3 +617,36 @@ def test_evaluation_refuses_what_shardify_refuses():
     prepare_item("spk1/v/ok", np.zeros(int(MIN_SECONDS * 16000), np.int16), ExtractConfig())
     with pytest.raises(SpeakeridError, match="utterance spk1/v/short has 800 samples"):
         prepare_item("spk1/v/short", np.zeros(800, np.int16), ExtractConfig())
+
+
+def test_removing_the_bad_line_as_the_message_says_resumes(shardify, corpus, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(corpus.root, root)
+    lines = Path(corpus.train_list).read_text().splitlines()
+    broken = lines[5].split()[1]
+    (root / broken).write_bytes(b"RIFF not really a wav file")
+    listed = _write_list(tmp_path / "list.txt", lines)
+    args = ("pack", "--list", listed, "--root", root, "--out", tmp_path / "o", "--max-utts", 6, "--chunk-size", 2)
+    result = shardify(*args, check=False)
+    assert result.returncode == 2 and "Fix or remove them from the list" in result.stderr
+    kept = {p.name: p.read_bytes() for p in (tmp_path / "o").glob("*.tar")}
+
+    _write_list(listed, [line for line in lines if broken not in line])  # what the message says
+    resumed = shardify(*args)
+    assert f"{len(kept)} finished shard(s) kept" in resumed.stderr and "lost 1 utterance(s)" in resumed.stderr
+    shardify("verify", tmp_path / "o", "--decode")
+    index = load_index(tmp_path / "o")
+    assert index["totals"]["samples"] == len(lines) - 1 and index["skipped"] == []
+    assert all((tmp_path / "o" / name).read_bytes() == data for name, data in kept.items())
+    assert "resuming" in shardify(*args).stderr  # the shorter list goes on resuming it
+
+    victim = sorted(kept)[0]  # a line of a finished shard: not silently dropped, the message says what to do
+    gone = next(s["meta"]["src"] for s in read_shards(tmp_path / "o") if s["url"].endswith(victim))
+    _write_list(listed, [line for line in lines if broken not in line and gone not in line])
+    refused = shardify(*args, check=False)
+    assert refused.returncode == 2 and f"{gone} (in {victim})" in refused.stderr and f"delete {victim}" in refused.stderr
+    (tmp_path / "o" / victim).unlink()
+    (tmp_path / "o" / ".shardify" / f"{victim}.json").unlink()
+    shardify(*args)
+    shardify("verify", tmp_path / "o")
+    assert load_index(tmp_path / "o")["totals"]["samples"] == len(lines) - 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gzip
 import fcntl
 import hashlib
 import json
@@ -33,11 +34,13 @@ import webdataset as wds
 from speakerid import __version__
 from speakerid.audio import AudioError, encode, read_audio
 from speakerid.data.index import FORMAT, INDEX_NAME, STATE_DIR, VERSION, read_json, remove_temporaries, write_json_atomic
-from speakerid.data.lists import MAX_LISTED
-from speakerid.data.plan import Item, PackConfig, PackPlan
+from speakerid.data.lists import MAX_LISTED, utterance_key
+from speakerid.data.plan import Item, PackConfig, PackPlan, plan_digest
 from speakerid.errors import SpeakeridError
 
 log = logging.getLogger(__name__)
+
+LAYOUT = "layout.json.gz"  # in STATE_DIR: the plan's utterances per shard, to resume a list that lost some
 
 Progress = Callable[[int, int], None]  # (utterances, input bytes) just finished
 
@@ -263,7 +266,7 @@ def _write_error(out_dir: Path, error: OSError) -> SpeakeridError:
 
 def _pack_part(plan: PackPlan, root: Path, out_dir: Path, part: int, parts: int, workers: int, skip_bad: bool,
                listener: PackListener) -> PackReport:
-    _claim_directory(out_dir, plan)
+    plan = _claim_directory(out_dir, plan, listener)
     with _part_lock(out_dir, part, parts, listener):
         return _write_part(plan, root, out_dir, part, parts, workers, skip_bad, listener)
 
@@ -304,7 +307,7 @@ def _write_part(plan: PackPlan, root: Path, out_dir: Path, part: int, parts: int
     mine = [i for i in range(len(plan.names)) if i % parts == part]
     # temporaries of an interrupted run of this part (shards, their stats); other parts' live files are left alone
     remove_temporaries(out_dir, [plan.names[i] for i in mine])
-    remove_temporaries(out_dir / STATE_DIR, [f"{plan.names[i]}.json" for i in mine] + (["plan.json"] if parts == 1 else []))
+    remove_temporaries(out_dir / STATE_DIR, [f"{plan.names[i]}.json" for i in mine] + (["plan.json", LAYOUT] if parts == 1 else []))
     resumed = [plan.names[i] for i in mine if _is_finished(out_dir, plan.names[i])]
     jobs = [ShardJob(out_dir, root, plan.names[i], plan.shards[i], plan.config, skip_bad)
             for i in mine if plan.names[i] not in resumed]
@@ -395,18 +398,22 @@ def _plan_record(plan: PackPlan) -> dict:
     }
 
 
-def _claim_directory(out_dir: Path, plan: PackPlan) -> None:
-    """Create ``out_dir`` for this plan, or check that what it holds was packed with the same plan."""
+def _claim_directory(out_dir: Path, plan: PackPlan, listener: PackListener) -> PackPlan:
+    """Create ``out_dir`` for this plan, or check that what it holds was packed with the same plan.
+
+    Returns the plan to write: ``plan``, or the directory's own plan without the utterances the list lost."""
     state = out_dir / STATE_DIR
     plan_path = state / "plan.json"
     if plan_path.exists():
         existing = read_json(plan_path, f"delete {out_dir} and re-pack")
         if existing.get("digest") == plan.digest:
-            return
+            return plan
         ours = asdict(plan.config)
         theirs = existing.get("config", {})
         diffs = [f"{k}: {theirs.get(k)!r} there, {v!r} now" for k, v in ours.items() if theirs.get(k) != v]
-        what = "; ".join(diffs) if diffs else "the list or the input files changed since it was started"
+        what = "; ".join(diffs) if diffs else _without_lost_utterances(out_dir, plan, existing)
+        if isinstance(what, PackPlan):
+            return _record_lost(out_dir, what, existing, listener)
         raise SpeakeridError(
             f"{out_dir} holds shards of a different configuration ({what}). "
             "Use a new --out directory, or delete this one to re-pack."
@@ -416,7 +423,62 @@ def _claim_directory(out_dir: Path, plan: PackPlan) -> None:
             f"{out_dir} already holds .tar files that shardify did not plan there; use a new --out directory"
         )
     state.mkdir(parents=True, exist_ok=True)
+    _write_layout(state / LAYOUT, plan)  # before plan.json: a plan.json on disk always has its layout
     write_json_atomic(plan_path, _plan_record(plan))
+    return plan
+
+
+def _write_layout(path: Path, plan: PackPlan) -> None:
+    """Which utterance is in which shard (gzip: VoxCeleb2's is tens of MB of JSON), atomically."""
+    layout = [[[i.src, i.spk, i.chunk] for i in items] for items in plan.shards]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+            f.write(json.dumps(layout, separators=(",", ":")).encode())
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp, path)
+
+
+def _without_lost_utterances(out_dir: Path, plan: PackPlan, existing: dict) -> PackPlan | str:
+    """The directory's plan less the utterances the list lost (after `remove the bad line and re-run`), or
+    why the list cannot resume it. Only unfinished shards may lose utterances; labels must not move."""
+    try:
+        layout = json.loads(gzip.decompress((out_dir / STATE_DIR / LAYOUT).read_bytes()))
+    except (OSError, ValueError):  # packed by an older shardify, or damaged
+        return "the list or the input files changed since it was started"
+    listed = {(i.src, i.spk) for items in plan.shards for i in items}
+    planned = {(src, spk) for shard in layout for src, spk, _ in shard}
+    added = sorted(listed - planned)
+    if added:
+        return f"{len(added)} utterance(s) are new to it, e.g. {added[0][0]}"
+    if existing.get("speakers") != plan.speakers:
+        return "a speaker lost all its utterances, which would renumber the labels of the finished shards"
+    lost = [(name, src) for name, shard in zip(existing["names"], layout) for src, spk, _ in shard
+            if (src, spk) not in listed and _is_finished(out_dir, name)]
+    if lost:
+        shown = ", ".join(f"{src} (in {name})" for name, src in lost[:MAX_LISTED])
+        names = sorted({name for name, _ in lost})
+        raise SpeakeridError(
+            f"{out_dir}: the list no longer has {len(lost)} utterance(s) of finished shards: {shown}. To re-pack "
+            f"those shards without them, delete {', '.join(names[:MAX_LISTED])}{' …' if len(names) > MAX_LISTED else ''} "
+            f"(and {STATE_DIR}/<name>.json of each) and re-run; or use a new --out directory.")
+    shards = [[Item(utterance_key(src), src, spk, plan.speakers.get(spk, -1), chunk, 0)
+               for src, spk, chunk in shard if (src, spk) in listed] for shard in layout]
+    kept = PackPlan(plan.config, existing["names"], shards, plan.speakers, plan.skipped)
+    kept.digest = plan_digest(kept)
+    return kept
+
+
+def _record_lost(out_dir: Path, plan: PackPlan, existing: dict, listener: PackListener) -> PackPlan:
+    if plan.digest != existing.get("digest"):
+        state = out_dir / STATE_DIR
+        lost = sum(map(len, json.loads(gzip.decompress((state / LAYOUT).read_bytes())))) - plan.n_items
+        listener.note(f"the list lost {lost} utterance(s) of unfinished shards since {out_dir} was started: "
+                      "resuming without them")
+        _write_layout(state / LAYOUT, plan)
+        write_json_atomic(state / "plan.json", _plan_record(plan))
+    return plan
 
 
 def write_index(out_dir: str | Path) -> Path:
