@@ -227,7 +227,10 @@ def run_verify(args) -> int:
 
 
 def run_merge(args) -> int:
-    path = writer.write_index(args.shard_dir)
+    try:
+        path = writer.write_index(args.shard_dir)
+    except OSError as error:  # a full disk while writing index.json
+        raise writer.write_error(args.shard_dir, error) from error
     totals = shard_index.load_index(args.shard_dir)["totals"]
     console.print(escape(f"merged {totals['shards']} shards, {totals['samples']} utterances → {path}"), highlight=False)
     return 0

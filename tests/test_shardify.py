@@ -650,3 +650,16 @@ def test_removing_the_bad_line_as_the_message_says_resumes(shardify, corpus, tmp
     shardify(*args)
     shardify("verify", tmp_path / "o")
     assert load_index(tmp_path / "o")["totals"]["samples"] == len(lines) - 2
+
+
+def test_merge_on_a_full_disk_is_one_message(shardify, corpus, tmp_path):
+    out = tmp_path / "o"
+    for part in (0, 1):
+        pack_train(shardify, corpus, out, "--max-utts", 16, "--part", part, "--parts", 2)
+    small = {"preexec_fn": lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))}  # EFBIG on index.json
+    result = shardify("merge", out, check=False, **small)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and f"{out}: cannot write" in result.stderr
+    assert not (out / "index.json").exists()
+    shardify("merge", out)
+    assert not list(out.glob(".index.json.tmp-*"))
+    shardify("verify", out)

@@ -251,10 +251,10 @@ def pack(plan: PackPlan, root: str | Path, out_dir: str | Path, *, workers: int 
     try:
         return _pack_part(plan, root, out_dir, part, parts, workers, skip_bad, listener)
     except OSError as error:  # a full disk, a quota, a read-only or vanished directory: not a bug to trace
-        raise _write_error(out_dir, error) from error
+        raise write_error(out_dir, error) from error
 
 
-def _write_error(out_dir: Path, error: OSError) -> SpeakeridError:
+def write_error(out_dir: Path, error: OSError) -> SpeakeridError:
     where = f"{error.filename}: " if error.filename else ""
     fix = ("free space (or raise the quota)" if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
            else "fix the directory's permissions or mount")
