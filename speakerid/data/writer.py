@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import gzip
 import fcntl
+import gzip
 import hashlib
 import json
 import logging
@@ -33,7 +33,8 @@ import webdataset as wds
 
 from speakerid import __version__
 from speakerid.audio import AudioError, encode, read_audio
-from speakerid.data.index import FORMAT, INDEX_NAME, STATE_DIR, VERSION, read_json, remove_temporaries, write_json_atomic
+from speakerid.data.index import (FORMAT, INDEX_NAME, STATE_DIR, VERSION, read_json, remove_temporaries,
+                                  write_json_atomic)
 from speakerid.data.lists import MAX_LISTED, utterance_key
 from speakerid.data.plan import Item, PackConfig, PackPlan, plan_digest
 from speakerid.errors import SpeakeridError
@@ -307,7 +308,8 @@ def _write_part(plan: PackPlan, root: Path, out_dir: Path, part: int, parts: int
     mine = [i for i in range(len(plan.names)) if i % parts == part]
     # temporaries of an interrupted run of this part (shards, their stats); other parts' live files are left alone
     remove_temporaries(out_dir, [plan.names[i] for i in mine])
-    remove_temporaries(out_dir / STATE_DIR, [f"{plan.names[i]}.json" for i in mine] + (["plan.json", LAYOUT] if parts == 1 else []))
+    shared = ["plan.json", LAYOUT] if parts == 1 else []  # with parts, another part may be writing them now
+    remove_temporaries(out_dir / STATE_DIR, [f"{plan.names[i]}.json" for i in mine] + shared)
     resumed = [plan.names[i] for i in mine if _is_finished(out_dir, plan.names[i])]
     jobs = [ShardJob(out_dir, root, plan.names[i], plan.shards[i], plan.config, skip_bad)
             for i in mine if plan.names[i] not in resumed]
@@ -446,7 +448,7 @@ def _without_lost_utterances(out_dir: Path, plan: PackPlan, existing: dict) -> P
     try:
         layout = json.loads(gzip.decompress((out_dir / STATE_DIR / LAYOUT).read_bytes()))
     except (OSError, ValueError):  # packed by an older shardify, or damaged
-        return "the list or the input files changed since it was started"
+        return "the list or the input files changed since it was started, or an older shardify started it"
     listed = {(i.src, i.spk) for items in plan.shards for i in items}
     planned = {(src, spk) for shard in layout for src, spk, _ in shard}
     added = sorted(listed - planned)
@@ -459,10 +461,11 @@ def _without_lost_utterances(out_dir: Path, plan: PackPlan, existing: dict) -> P
     if lost:
         shown = ", ".join(f"{src} (in {name})" for name, src in lost[:MAX_LISTED])
         names = sorted({name for name, _ in lost})
+        to_delete = ", ".join(names[:MAX_LISTED]) + (" …" if len(names) > MAX_LISTED else "")
         raise SpeakeridError(
             f"{out_dir}: the list no longer has {len(lost)} utterance(s) of finished shards: {shown}. To re-pack "
-            f"those shards without them, delete {', '.join(names[:MAX_LISTED])}{' …' if len(names) > MAX_LISTED else ''} "
-            f"(and {STATE_DIR}/<name>.json of each) and re-run; or use a new --out directory.")
+            f"those shards without them, delete {to_delete} (and {STATE_DIR}/<name>.json of each) and re-run; or use "
+            "a new --out directory.")
     shards = [[Item(utterance_key(src), src, spk, plan.speakers.get(spk, -1), chunk, 0)
                for src, spk, chunk in shard if (src, spk) in listed] for shard in layout]
     kept = PackPlan(plan.config, existing["names"], shards, plan.speakers, plan.skipped)
