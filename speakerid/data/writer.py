@@ -517,5 +517,6 @@ def write_index(out_dir: str | Path) -> Path:
         index["totals"]["speakers"] = len({k.split("/", 1)[0] for s in shards for k in s["keys"]})
     path = out_dir / INDEX_NAME
     remove_temporaries(out_dir, [INDEX_NAME])  # of a merge or a last part killed while writing it
+    remove_temporaries(out_dir / STATE_DIR, ["plan.json", LAYOUT])  # of parts killed while claiming: all done now
     write_json_atomic(path, index)
     return path
