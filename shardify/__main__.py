@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from speakerid.audio import MIN_SECONDS
 from speakerid.data import index as shard_index
 from speakerid.data import lists, writer
 from speakerid.data.plan import DEFAULT_SHARD_SIZE, KINDS, PackConfig, make_plan
@@ -73,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resample", action="store_true", help="resample files at another rate instead of failing")
     p.add_argument("--downmix", action="store_true", help="average multi-channel files instead of failing")
     p.add_argument("--skip-bad", action="store_true",
-                   help="leave out missing/undecodable files (counted in the summary and index) instead of failing")
+                   help="leave out missing/undecodable/truncated/too short files (counted in the summary and index) "
+                        "instead of failing")
+    p.add_argument("--min-seconds", type=float,
+                   help=f"shortest usable file; shorter ones are errors (default {MIN_SECONDS} s as evaluation "
+                        "requires; noise: none)")
     p.add_argument("--prefix", help="shard file name prefix (default: the kind)")
     p.add_argument("--workers", type=int, default=1, help="processes encoding shards in parallel")
     p.add_argument("--part", type=int, default=0, help="this task's part, 0 <= part < parts (SLURM array)")
@@ -113,6 +118,9 @@ class RichListener(writer.PackListener):
         self.task = None
         self.bytes = 0
 
+    def note(self, text):
+        console.print(f"[yellow]note[/]: {escape(text)}", highlight=False)
+
     def started(self, plan, todo_utterances, resumed_shards):
         if resumed_shards:
             console.print(f"resuming: {resumed_shards} finished shard(s) kept")
@@ -133,7 +141,7 @@ def run_pack(args) -> int:
     config = PackConfig(
         kind=args.kind, encoding=args.encoding, sample_rate=args.sample_rate, chunk_size=args.chunk_size,
         shard_size=args.shard_size, max_utts=args.max_utts, seed=args.seed, prefix=args.prefix,
-        resample=args.resample, downmix=args.downmix,
+        resample=args.resample, downmix=args.downmix, min_seconds=args.min_seconds,
     )
     if args.kind == "train":
         if args.list:
@@ -209,7 +217,8 @@ def run_verify(args) -> int:
                   str(totals["samples"]), f"{totals['duration'] / 3600:.2f}", human_bytes(totals["bytes"]))
     console.print(table)
     for check in result.bad:
-        console.print(f"[red]BAD[/] {escape(check.name)}: {escape('; '.join(check.problems))}", highlight=False)
+        for problem in check.problems:  # every bad member, one line each
+            console.print(f"[red]BAD[/] {escape(check.name)}: {escape(problem)}", highlight=False)
     for stray in result.strays:
         console.print(f"[yellow]note[/]: {escape(stray)} is in the directory but not in the index")
     if not result.ok:
@@ -219,7 +228,10 @@ def run_verify(args) -> int:
 
 
 def run_merge(args) -> int:
-    path = writer.write_index(args.shard_dir)
+    try:
+        path = writer.write_index(args.shard_dir)
+    except OSError as error:  # a full disk while writing index.json
+        raise writer.write_error(args.shard_dir, error) from error
     totals = shard_index.load_index(args.shard_dir)["totals"]
     console.print(escape(f"merged {totals['shards']} shards, {totals['samples']} utterances → {path}"), highlight=False)
     return 0

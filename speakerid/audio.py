@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,6 +23,7 @@ from speakerid.errors import SpeakeridError
 AUDIO_EXTENSIONS = (".wav", ".flac", ".m4a", ".ogg", ".opus", ".mp3", ".aac")
 COMPRESSED_EXTENSIONS = (".m4a", ".aac", ".mp4")  # decoded with PyAV or ffmpeg, the rest with soundfile
 ENCODINGS = ("flac", "wav")
+MIN_SECONDS = 0.1  # shorter audio is refused by shardify (--min-seconds) and by evaluation: no speaker in it
 
 M4A_HELP = (
     "decoding .m4a (AAC) needs PyAV or the ffmpeg program: `pip install 'speakerid-toolkit[m4a]'` "
@@ -60,10 +62,12 @@ def read_audio(
     *,
     resample: bool = False,
     downmix: bool = False,
+    min_seconds: float = 0.0,
 ) -> np.ndarray:
     """Decode ``path`` to a 1-D int16 array at ``sample_rate``.
 
-    A different rate is an error unless ``resample``; more than one channel is an error unless ``downmix``.
+    A different rate is an error unless ``resample``; more than one channel is an error unless ``downmix``;
+    fewer than ``min_seconds`` of audio, or a wav shorter than its header says, is an error.
     """
     path = Path(path)
     try:
@@ -86,6 +90,8 @@ def read_audio(
         mono = resample_int16(mono, rate, sample_rate)
     if mono.size == 0:
         raise AudioError(f"{path}: no audio samples")
+    if mono.size < min_seconds * sample_rate:
+        raise AudioError(f"{path}: {mono.size / sample_rate:.3f} s of audio, shorter than the minimum {min_seconds} s")
     return np.ascontiguousarray(mono)
 
 
@@ -103,8 +109,30 @@ def float_to_int16(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
 
 
 def _decode_with_soundfile(path: Path) -> tuple[np.ndarray, int]:
+    if path.suffix.lower() == ".wav":
+        _check_wav_complete(path)
     samples, rate = soundfile.read(str(path), dtype="int16", always_2d=True)
     return samples, rate
+
+
+def _check_wav_complete(path: Path) -> None:
+    """libsndfile silently reads a truncated wav (a copy cut short) as a shorter one: compare with its header."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if f.read(12)[8:12] != b"WAVE":
+            return  # not RIFF/WAVE: soundfile says what it is
+        position = 12
+        while position + 8 <= size:
+            f.seek(position)
+            chunk = f.read(8)
+            declared = int.from_bytes(chunk[4:8], "little")
+            if chunk[:4] == b"data":
+                held = size - position - 8
+                if held < declared != 0xFFFFFFFF:  # 0xFFFFFFFF: written by a stream that could not seek back
+                    raise AudioError(f"{path}: truncated: its header announces {declared} bytes of audio, the file "
+                                     f"holds {held}; copy it again from the source")
+                return
+            position += 8 + declared + (declared & 1)
 
 
 def _decode_with_av_or_ffmpeg(path: Path) -> tuple[np.ndarray, int]:

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speakerid.audio import decode, read_audio
+from speakerid.audio import MIN_SECONDS, decode, read_audio
 from speakerid.data.batches import Faults, read_shard
 from speakerid.data.eval_reader import AudioTree, EvalConfig, eval_crops, eval_loader
 from speakerid.data.index import write_json_atomic
@@ -58,7 +58,7 @@ from speakerid.tempfiles import remove_dead_temporaries
 log = logging.getLogger(__name__)
 
 GRID_START = 8000  # samples (0.5 s at 16 kHz): shorter utterances are batched only with equal lengths
-MIN_SAMPLES = 1600  # 0.1 s: shorter audio is an error rather than a meaningless embedding
+MIN_SAMPLES = round(MIN_SECONDS * 16000)  # shorter audio is an error rather than a meaningless embedding
 CACHE_FORMAT = "speakerid-embeddings"
 CACHE_VERSION = "1"
 Progress = Callable[[str, int, int | None], None]  # (stage, done, total or None) on the main process

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +23,8 @@ import webdataset as wds
 
 from speakerid.audio import read_audio
 from speakerid.data.index import load_index
-from speakerid.data.lists import read_train_list, utterance_key
+from speakerid.data.lists import read_train_list, read_trials, utterance_key
+from speakerid.errors import SpeakeridError
 from tests.conftest import REPO
 
 
@@ -124,6 +128,7 @@ def test_resume_after_a_killed_run_gives_the_same_index(shardify, corpus, tmp_pa
 
     resumed = pack_train(shardify, corpus, out, "--max-utts", 1, "--chunk-size", 1)
     assert f"{finished} finished shard(s) kept" in resumed.stderr
+    assert f"taking over the lock of host {socket.gethostname()} pid {process.pid}" in resumed.stderr
     assert load_index(out) == load_index(tmp_path / "whole")
     assert not list(out.glob(".*.tmp-*")), "temporaries of the killed run are cleaned up"
     for name in (s["name"] for s in load_index(out)["shards"]):
@@ -404,3 +409,259 @@ def test_train_without_a_list_refuses_files_without_a_speaker_folder(shardify, c
     result = shardify("pack", "--root", root, "--out", tmp_path / "o", check=False)
     assert result.returncode == 2 and "loose.wav" in result.stderr and "--list" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------- issue 11 (C)
+
+def test_a_list_saved_with_a_bom_packs_the_same_shards(shardify, corpus, tmp_path):
+    text = Path(corpus.train_list).read_text()
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeff".encode() + text.encode())
+    pack_train(shardify, corpus, tmp_path / "plain", "--max-utts", 16)
+    shardify("pack", "--list", bom, "--root", corpus.root, "--out", tmp_path / "bom", "--max-utts", 16)
+    assert load_index(tmp_path / "bom") == load_index(tmp_path / "plain")
+    trials = tmp_path / "trials.txt"
+    trials.write_bytes("\ufeff".encode() + Path(corpus.trials).read_bytes())
+    assert read_trials(trials)[0].label in (0, 1)
+
+
+def test_a_nul_byte_in_a_list_names_the_file_and_line(shardify, corpus, tmp_path):
+    lines = Path(corpus.train_list).read_text().splitlines()
+    broken = _write_list(tmp_path / "list.txt", lines[:2] + [lines[2].replace("/", "\0", 1)] + lines[3:])
+    result = shardify("pack", "--list", broken, "--root", corpus.root, "--out", tmp_path / "o", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{broken}: NUL byte(s) on line(s) 3" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_naming_a_file_and_a_damaged_index_or_plan_each_get_one_message(shardify, corpus, tmp_path):
+    a_file = tmp_path / "shards.tar"
+    a_file.write_bytes(b"")
+    result = pack_train(shardify, corpus, a_file, check=False)
+    assert result.returncode == 2 and f"--out {a_file} is a file" in result.stderr and "Traceback" not in result.stderr
+
+    out = tmp_path / "o"
+    pack_train(shardify, corpus, out, "--max-utts", 16)
+    whole = load_index(out)
+    (out / "index.json").write_bytes((out / "index.json").read_bytes()[:100])
+    result = shardify("verify", out, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{out / 'index.json'}: cannot read it" in result.stderr and f"python -m shardify merge {out}" in result.stderr
+    shardify("merge", out)  # the fix the message gives
+    assert load_index(out) == whole
+    shardify("verify", out)
+
+    plan = out / ".shardify" / "plan.json"
+    plan.write_text(plan.read_text()[:50])
+    result = pack_train(shardify, corpus, out, "--max-utts", 16, check=False)
+    assert result.returncode == 2 and f"{plan}: cannot read it" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_leftover_temporary_json_of_a_killed_write_is_removed_by_the_next_run(shardify, corpus, tmp_path):
+    out = tmp_path / "o"
+    pack_train(shardify, corpus, out, "--max-utts", 16)
+    names = [s["name"] for s in load_index(out)["shards"]]
+    (out / names[-1]).unlink()  # an unfinished shard, as after a kill
+    (out / "index.json").unlink()
+    leftovers = [out / ".shardify" / f".{names[-1]}.json.tmp-4194999", out / ".shardify" / ".plan.json.tmp-4194999",
+                 out / ".index.json.tmp-4194999", out / f".{names[-1]}.tmp-4194999"]
+    for path in leftovers:  # what a kill -9 during write_json_atomic (or a shard write) leaves
+        path.write_text('{"half": ')
+    pack_train(shardify, corpus, out, "--max-utts", 16)
+    assert [p for p in leftovers if p.exists()] == []
+    shardify("verify", out)
+
+
+def test_verify_decode_names_every_bad_member(shardify, corpus, tmp_path):
+    import tarfile
+    out = tmp_path / "o"
+    pack_train(shardify, corpus, out, "--max-utts", 16, "--encoding", "wav")
+    victim = out / load_index(out)["shards"][0]["name"]
+    with tarfile.open(victim) as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith(".wav")][:2]
+    data = bytearray(victim.read_bytes())
+    for member in members:  # the tar still parses, the wav headers do not
+        data[member.offset_data:member.offset_data + 4] = b"JUNK"
+    victim.write_bytes(bytes(data))
+    result = shardify("verify", out, "--decode", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    for member in members:
+        assert f"BAD {victim.name}: member {member.name} does not decode" in result.stderr
+
+
+@contextlib.contextmanager
+def _small_tmpfs(path: Path, size: str):
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.parametrize("limit", ["full tmpfs", "RLIMIT_FSIZE"])
+def test_a_full_disk_is_one_message_and_leaves_no_tar(shardify, corpus, tmp_path, limit):
+    with contextlib.ExitStack() as stack:
+        if limit == "full tmpfs":  # ENOSPC, the real thing
+            out = stack.enter_context(_small_tmpfs(tmp_path / "disk", "400k")) / "o"
+            kw = {}
+        else:  # EFBIG: a file size limit, as a quota would stop it; needs no root
+            out = tmp_path / "o"
+            kw = {"preexec_fn": lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))}
+        result = pack_train(shardify, corpus, out, "--max-utts", 16, "--encoding", "wav", "--workers", 2,
+                            check=False, **kw)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"{out}: cannot write the shards" in result.stderr and "Free space" in result.stderr
+        assert "re-run the same command" in result.stderr and not list(out.glob("*.tar"))
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid``, from /proc (zombies are dead)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid) and not fields.get("State", "").startswith("Z"):
+            found.append(int(status.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return not Path(f"/proc/{pid}/status").read_text().split("State:\t", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="finds the pool workers through /proc")
+def test_pool_workers_die_with_a_killed_parent(corpus, tmp_path):
+    process = _start_pack(corpus, tmp_path / "o", "--workers", 2)
+    _wait_for_shards(tmp_path / "o", 2, process)
+    process.send_signal(signal.SIGSTOP)  # mid-pack for sure, however fast this machine
+    workers = _children(process.pid)
+    assert len(workers) == 2, workers
+    process.kill()  # kill -9: no clean-up, no chance to stop the pool
+    process.wait()
+    deadline = time.monotonic() + 60
+    try:
+        while any(map(_alive, workers)):
+            assert time.monotonic() < deadline, f"pool workers {workers} outlived their parent"
+            time.sleep(0.1)
+    finally:
+        for pid in filter(_alive, workers):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_second_identical_run_is_refused_while_other_parts_run_concurrently(shardify, corpus, tmp_path):
+    out = tmp_path / "o"
+    first = _start_pack(corpus, out, "--part", 0, "--parts", 2)
+    _wait_for_shards(out, 2, first)
+    first.send_signal(signal.SIGSTOP)  # holds its lock, mid-pack, however fast this machine
+    try:
+        second = pack_train(shardify, corpus, out, "--max-utts", 1, "--chunk-size", 1, "--part", 0, "--parts", 2,
+                            check=False)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"is being packed by host {socket.gethostname()} pid {first.pid} since" in second.stderr
+    assert "Let that run finish" in second.stderr
+    other = pack_train(shardify, corpus, out, "--max-utts", 1, "--chunk-size", 1, "--part", 1, "--parts", 2)
+    assert "python -m shardify merge" in other.stderr
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr  # the refused run took nothing from the first
+    shardify("merge", out)
+    shardify("verify", out)
+
+
+def _one_speaker_list(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    for relpath, data in files.items():
+        (tmp_path / "root" / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "root" / relpath).write_bytes(data)
+    return _write_list(tmp_path / "list.txt", [f"{p.split('/')[0]} {p}" for p in files])
+
+
+def _wav_bytes(seconds: float) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, (np.sin(np.arange(int(16000 * seconds)) * 0.05) * 8000).astype(np.int16), 16000, format="WAV")
+    return buffer.getvalue()
+
+
+def test_truncated_and_too_short_files_are_refused_or_skipped_and_counted(shardify, tmp_path):
+    whole = _wav_bytes(2.0)
+    listed = _one_speaker_list(tmp_path, {"spk1/v/ok.wav": whole, "spk1/v/cut.wav": whole[:len(whole) // 2],
+                                          "spk1/v/short.wav": _wav_bytes(0.05)})
+    root = tmp_path / "root"
+    result = shardify("pack", "--list", listed, "--root", root, "--out", tmp_path / "o", check=False)
+    assert result.returncode == 2 and "2 audio file(s) cannot be decoded or used" in result.stderr
+    assert f"{root / 'spk1/v/cut.wav'}: truncated: its header announces 64000 bytes of audio, the file holds 31978" \
+        in result.stderr
+    assert f"{root / 'spk1/v/short.wav'}: 0.050 s of audio, shorter than the minimum 0.1 s" in result.stderr
+
+    shardify("pack", "--list", listed, "--root", root, "--out", tmp_path / "skip", "--skip-bad")
+    index = load_index(tmp_path / "skip")
+    assert sorted(s["src"] for s in index["skipped"]) == ["spk1/v/cut.wav", "spk1/v/short.wav"]
+    assert index["totals"]["samples"] == 1 and index["totals"]["skipped"] == 2
+
+    (root / "spk1/v/cut.wav").unlink()
+    listed = _write_list(listed, ["spk1 spk1/v/ok.wav", "spk1 spk1/v/short.wav"])
+    shardify("pack", "--list", listed, "--root", root, "--out", tmp_path / "short-ok", "--min-seconds", "0.04")
+    assert load_index(tmp_path / "short-ok")["totals"]["samples"] == 2
+
+
+def test_evaluation_refuses_what_shardify_refuses():
+    from speakerid.audio import MIN_SECONDS
+    from speakerid.evaluation import ExtractConfig, prepare_item
+    prepare_item("spk1/v/ok", np.zeros(int(MIN_SECONDS * 16000), np.int16), ExtractConfig())
+    with pytest.raises(SpeakeridError, match="utterance spk1/v/short has 800 samples"):
+        prepare_item("spk1/v/short", np.zeros(800, np.int16), ExtractConfig())
+
+
+def test_removing_the_bad_line_as_the_message_says_resumes(shardify, corpus, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(corpus.root, root)
+    lines = Path(corpus.train_list).read_text().splitlines()
+    broken = lines[5].split()[1]
+    (root / broken).write_bytes(b"RIFF not really a wav file")
+    listed = _write_list(tmp_path / "list.txt", lines)
+    args = ("pack", "--list", listed, "--root", root, "--out", tmp_path / "o", "--max-utts", 6, "--chunk-size", 2)
+    result = shardify(*args, check=False)
+    assert result.returncode == 2 and "Fix or remove them from the list" in result.stderr
+    kept = {p.name: p.read_bytes() for p in (tmp_path / "o").glob("*.tar")}
+
+    _write_list(listed, [line for line in lines if broken not in line])  # what the message says
+    resumed = shardify(*args)
+    assert f"{len(kept)} finished shard(s) kept" in resumed.stderr and "lost 1 utterance(s)" in resumed.stderr
+    shardify("verify", tmp_path / "o", "--decode")
+    index = load_index(tmp_path / "o")
+    assert index["totals"]["samples"] == len(lines) - 1 and index["skipped"] == []
+    assert all((tmp_path / "o" / name).read_bytes() == data for name, data in kept.items())
+    assert "resuming" in shardify(*args).stderr  # the shorter list goes on resuming it
+
+    victim = sorted(kept)[0]  # a line of a finished shard: not silently dropped, the message says what to do
+    gone = next(s["meta"]["src"] for s in read_shards(tmp_path / "o") if s["url"].endswith(victim))
+    _write_list(listed, [line for line in lines if broken not in line and gone not in line])
+    refused = shardify(*args, check=False)
+    assert refused.returncode == 2 and f"{gone} (in {victim})" in refused.stderr and f"delete {victim}" in refused.stderr
+    (tmp_path / "o" / victim).unlink()
+    (tmp_path / "o" / ".shardify" / f"{victim}.json").unlink()
+    shardify(*args)
+    shardify("verify", tmp_path / "o")
+    assert load_index(tmp_path / "o")["totals"]["samples"] == len(lines) - 2
+
+
+def test_merge_on_a_full_disk_is_one_message(shardify, corpus, tmp_path):
+    out = tmp_path / "o"
+    for part in (0, 1):
+        pack_train(shardify, corpus, out, "--max-utts", 16, "--part", part, "--parts", 2)
+    small = {"preexec_fn": lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))}  # EFBIG on index.json
+    result = shardify("merge", out, check=False, **small)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and f"{out}: cannot write" in result.stderr
+    assert not (out / "index.json").exists()
+    leftover = out / ".shardify" / ".plan.json.tmp-4194999"  # a part killed while it claimed the directory
+    leftover.write_text('{"half": ')
+    shardify("merge", out)
+    assert not list(out.glob(".index.json.tmp-*")) and not leftover.exists()
+    shardify("verify", out)

@@ -39,6 +39,21 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: Path, fix: str):
+    """A JSON file shardify wrote; a damaged one is one message naming it and ``fix``."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SpeakeridError(f"{path}: cannot read it ({error}): {fix}") from error
+
+
+def remove_temporaries(directory: Path, names) -> None:
+    """The hidden ``.NAME.tmp-PID`` files write_json_atomic and the shard writer leave when killed mid-write."""
+    for name in names:
+        for stale in directory.glob(f".{name}.tmp-*"):
+            stale.unlink(missing_ok=True)
+
+
 def load_index(shard_dir: str | Path) -> dict:
     shard_dir = Path(shard_dir)
     path = shard_dir / INDEX_NAME
@@ -50,10 +65,9 @@ def load_index(shard_dir: str | Path) -> dict:
             if unfinished else "it is not a shard directory written by shardify"
         )
         raise SpeakeridError(f"{path}: no index; {hint}")
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise SpeakeridError(f"{path}: cannot read the index: {error}") from error
+    fix = ("`python -m shardify merge " + str(shard_dir) + "` rebuilds it from " + str(shard_dir / STATE_DIR)
+           if (shard_dir / STATE_DIR / "plan.json").exists() else "re-pack the shards")
+    index = read_json(path, f"the index is damaged (truncated?); {fix}")
     if index.get("format") != FORMAT or index.get("version") != VERSION:
         raise SpeakeridError(
             f"{path}: format {index.get('format')!r} version {index.get('version')!r}, expected {FORMAT!r} "
@@ -132,7 +146,10 @@ def check_shard(path: Path, expected: dict, encoding: str, *, decode_audio: bool
                     elif ext in ENCODINGS:
                         audio_crc[key] = zlib.crc32(data)
                         if decode_audio:
-                            decoded[key] = len(decode(data)[0])
+                            try:
+                                decoded[key] = len(decode(data)[0])
+                            except (RuntimeError, ValueError) as error:  # name this member, go on to the next
+                                check.problems.append(f"member {member.name} does not decode: {error}")
         except (tarfile.TarError, json.JSONDecodeError, OSError, RuntimeError, ValueError) as error:
             check.problems.append(f"unreadable: {error}")
         while reader.read(1 << 20):  # the tar's end padding counts towards the hash
@@ -149,9 +166,8 @@ def check_shard(path: Path, expected: dict, encoding: str, *, decode_audio: bool
             check.problems.append(
                 f"{n_audio} audio and {n_json} json members for {len(keys)} keys, index says {expected['samples']} utterances"
             )
-        wrong = [k for k, n in decoded.items() if declared.get(k) != n]
-        if wrong:
-            check.problems.append(f"{len(wrong)} member(s) decode to a length other than their json says, e.g. {wrong[0]}")
+        for key in (k for k, n in decoded.items() if declared.get(k) != n):
+            check.problems.append(f"member {key} decodes to {decoded[key]} samples, its json says {declared.get(key)}")
     return check
 
 

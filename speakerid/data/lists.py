@@ -2,7 +2,7 @@
 
 Formats are voxceleb_trainer's: ``train_list.txt`` holds ``speaker relpath`` lines; a trial list holds
 ``label enroll test`` lines (``enroll test`` without labels for scoring only). Every path is relative to an
-audio root. Blank lines and lines starting with ``#`` are ignored.
+audio root. Blank lines and lines starting with ``#`` are ignored, and so is a UTF-8 BOM.
 """
 
 from __future__ import annotations
@@ -41,9 +41,15 @@ def utterance_key(relpath: str) -> str:
 
 def _lines(path: Path):
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the first field
     except (OSError, UnicodeDecodeError) as error:
         raise SpeakeridError(f"{path}: cannot read the list: {error}") from error
+    binary = [number for number, line in enumerate(text.splitlines(), start=1) if "\0" in line]
+    if binary:
+        raise SpeakeridError(
+            f"{path}: NUL byte(s) on line(s) {', '.join(map(str, binary[:MAX_LISTED]))}"
+            f"{' …' if len(binary) > MAX_LISTED else ''}: this is not a text list (a binary file, or one damaged "
+            "by a crash); give the right file or rewrite those lines")
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
         if stripped and not stripped.startswith("#"):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speakerid.audio import ENCODINGS, check_decoders
+from speakerid.audio import ENCODINGS, MIN_SECONDS, check_decoders
 from speakerid.data.lists import MAX_LISTED, ListEntry, utterance_key
 from speakerid.errors import SpeakeridError
 
@@ -53,12 +53,15 @@ class PackConfig:
     prefix: str | None = None
     resample: bool = False
     downmix: bool = False
+    min_seconds: float | None = None  # shorter files are refused (or skipped with --skip-bad), never tiled into crops
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise SpeakeridError(f"unknown kind {self.kind!r}; choose one of {', '.join(KINDS)}")
         if self.encoding not in ENCODINGS:
             raise SpeakeridError(f"unknown encoding {self.encoding!r}; choose one of {', '.join(ENCODINGS)}")
+        if self.min_seconds is not None and self.min_seconds < 0:
+            raise SpeakeridError(f"--min-seconds must be 0 or more, got {self.min_seconds}")
         if self.chunk_size < 1:
             raise SpeakeridError(f"--chunk-size must be at least 1, got {self.chunk_size}")
         if self.shard_size < 1:
@@ -70,6 +73,13 @@ class PackConfig:
                 f"--max-utts {self.max_utts} is smaller than --chunk-size {self.chunk_size}: a speaker chunk "
                 "never spans two shards; raise --max-utts or lower --chunk-size"
             )
+
+    @property
+    def shortest(self) -> float:
+        """--min-seconds, by default MIN_SECONDS for speech (train, eval) and none for noise banks (short RIRs)."""
+        if self.min_seconds is not None:
+            return self.min_seconds
+        return 0.0 if self.kind == "noise" else MIN_SECONDS
 
     @property
     def shard_prefix(self) -> str:
