@@ -665,3 +665,16 @@ def test_merge_on_a_full_disk_is_one_message(shardify, corpus, tmp_path):
     shardify("merge", out)
     assert not list(out.glob(".index.json.tmp-*")) and not leftover.exists()
     shardify("verify", out)
+
+
+def test_a_directory_half_packed_before_min_seconds_existed_still_resumes(shardify, corpus, tmp_path):
+    out = tmp_path / "shards"
+    pack_train(shardify, corpus, out, "--max-utts", 1, "--chunk-size", 1)
+    plan = json.loads((out / ".shardify" / "plan.json").read_text())
+    assert "min_seconds" not in plan["config"], "an unset --min-seconds keeps the plan record of earlier versions"
+    whole = load_index(out)
+    (out / "index.json").unlink()
+    (out / whole["shards"][-1]["name"]).unlink()  # half packed: the last shard was never written
+    resumed = pack_train(shardify, corpus, out, "--max-utts", 1, "--chunk-size", 1)
+    assert "finished shard(s) kept" in resumed.stderr
+    assert load_index(out) == whole

@@ -74,6 +74,14 @@ class PackConfig:
                 "never spans two shards; raise --max-utts or lower --chunk-size"
             )
 
+    def record(self) -> dict:
+        """The settings that determine the shards. An unset --min-seconds is left out, so that a directory half
+        packed before the option existed still resumes."""
+        record = asdict(self)
+        if record["min_seconds"] is None:
+            del record["min_seconds"]
+        return record
+
     @property
     def shortest(self) -> float:
         """--min-seconds, by default MIN_SECONDS for speech (train, eval) and none for noise banks (short RIRs)."""
@@ -213,7 +221,7 @@ def _pack(chunks: list[list[Item]], config: PackConfig) -> list[list[Item]]:
 def plan_digest(plan: PackPlan) -> str:
     """sha256 of what the shards will hold; equal digests mean equal shard sets."""
     h = hashlib.sha256()
-    h.update(json.dumps(asdict(plan.config), sort_keys=True).encode())
+    h.update(json.dumps(plan.config.record(), sort_keys=True).encode())
     for name, items in zip(plan.names, plan.shards):
         h.update(name.encode())
         for i in items:

@@ -395,7 +395,7 @@ def _is_finished(out_dir: Path, name: str) -> bool:
 
 def _plan_record(plan: PackPlan) -> dict:
     return {
-        "format": FORMAT, "version": VERSION, "config": asdict(plan.config), "digest": plan.digest,
+        "format": FORMAT, "version": VERSION, "config": plan.config.record(), "digest": plan.digest,
         "names": plan.names, "speakers": plan.speakers, "skipped": plan.skipped,
     }
 
@@ -410,9 +410,10 @@ def _claim_directory(out_dir: Path, plan: PackPlan, listener: PackListener) -> P
         existing = read_json(plan_path, f"delete {out_dir} and re-pack")
         if existing.get("digest") == plan.digest:
             return plan
-        ours = asdict(plan.config)
+        ours = plan.config.record()
         theirs = existing.get("config", {})
-        diffs = [f"{k}: {theirs.get(k)!r} there, {v!r} now" for k, v in ours.items() if theirs.get(k) != v]
+        diffs = [f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in sorted(ours.keys() | theirs.keys())
+                 if theirs.get(k) != ours.get(k)]
         what = "; ".join(diffs) if diffs else _without_lost_utterances(out_dir, plan, existing)
         if isinstance(what, PackPlan):
             return _record_lost(out_dir, what, existing, listener)
