@@ -27,9 +27,9 @@ def pid_running(pid: int) -> bool:
     return True
 
 
-def remove_dead_temporaries(directory: str | os.PathLike, names: Iterable[str]) -> int:
+def remove_dead_temporaries(directory: str | os.PathLike, names: Iterable[str], *, locked: bool = False) -> int:
     """Remove the temporaries of ``names`` (``det`` for ``.det.tmp-PID.png``) in ``directory`` whose writer is
-    gone; how many."""
+    gone; how many. ``locked``: the caller holds the lock on these names (shardify), so every one is stale."""
     names = set(names)
     directory = Path(directory)
     if not directory.is_dir():
@@ -39,7 +39,7 @@ def remove_dead_temporaries(directory: str | os.PathLike, names: Iterable[str]) 
         match = TEMPORARY.match(path.name)
         if match is None or match["name"] not in names or not path.is_file():
             continue
-        if int(match["pid"]) != os.getpid() and not pid_running(int(match["pid"])):
+        if locked or (int(match["pid"]) != os.getpid() and not pid_running(int(match["pid"]))):
             path.unlink(missing_ok=True)
             removed += 1
     if removed:

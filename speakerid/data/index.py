@@ -47,13 +47,6 @@ def read_json(path: Path, fix: str):
         raise SpeakeridError(f"{path}: cannot read it ({error}): {fix}") from error
 
 
-def remove_temporaries(directory: Path, names) -> None:
-    """The hidden ``.NAME.tmp-PID`` files write_json_atomic and the shard writer leave when killed mid-write."""
-    for name in names:
-        for stale in directory.glob(f".{name}.tmp-*"):
-            stale.unlink(missing_ok=True)
-
-
 def load_index(shard_dir: str | Path) -> dict:
     shard_dir = Path(shard_dir)
     path = shard_dir / INDEX_NAME

@@ -34,11 +34,12 @@ import webdataset as wds
 
 from speakerid import __version__
 from speakerid.audio import AudioError, encode, read_audio
-from speakerid.data.index import (FORMAT, INDEX_NAME, STATE_DIR, VERSION, read_json, remove_temporaries,
+from speakerid.data.index import (FORMAT, INDEX_NAME, STATE_DIR, VERSION, read_json,
                                   write_json_atomic)
 from speakerid.data.lists import MAX_LISTED, utterance_key
 from speakerid.data.plan import Item, PackConfig, PackPlan, plan_digest
 from speakerid.errors import SpeakeridError
+from speakerid.tempfiles import remove_dead_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -307,9 +308,9 @@ def _write_part(plan: PackPlan, root: Path, out_dir: Path, part: int, parts: int
                 listener: PackListener) -> PackReport:
     mine = [i for i in range(len(plan.names)) if i % parts == part]
     # temporaries of an interrupted run of this part (shards, their stats); other parts' live files are left alone
-    remove_temporaries(out_dir, [plan.names[i] for i in mine])
+    remove_dead_temporaries(out_dir, [plan.names[i] for i in mine], locked=True)
     shared = ["plan.json", LAYOUT] if parts == 1 else []  # with parts, another part may be writing them now
-    remove_temporaries(out_dir / STATE_DIR, [f"{plan.names[i]}.json" for i in mine] + shared)
+    remove_dead_temporaries(out_dir / STATE_DIR, [f"{plan.names[i]}.json" for i in mine] + shared, locked=True)
     resumed = [plan.names[i] for i in mine if _is_finished(out_dir, plan.names[i])]
     jobs = [ShardJob(out_dir, root, plan.names[i], plan.shards[i], plan.config, skip_bad)
             for i in mine if plan.names[i] not in resumed]
@@ -517,7 +518,7 @@ def write_index(out_dir: str | Path) -> Path:
     if config["kind"] != "train":
         index["totals"]["speakers"] = len({k.split("/", 1)[0] for s in shards for k in s["keys"]})
     path = out_dir / INDEX_NAME
-    remove_temporaries(out_dir, [INDEX_NAME])  # of a merge or a last part killed while writing it
-    remove_temporaries(out_dir / STATE_DIR, ["plan.json", LAYOUT])  # of parts killed while claiming: all done now
+    remove_dead_temporaries(out_dir, [INDEX_NAME], locked=True)  # of a merge or a last part killed while writing it
+    remove_dead_temporaries(out_dir / STATE_DIR, ["plan.json", LAYOUT], locked=True)  # of parts killed while claiming: all done now
     write_json_atomic(path, index)
     return path
