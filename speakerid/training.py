@@ -106,6 +106,11 @@ def check_config(config: Config, shards: ShardSet) -> None:
     m, n = config.data.utts_per_speaker, config.data.n_speakers
     cls = loss_class(config.loss.name)
     cls.check_utts_per_speaker(m)
+    if config.loss.margin_warmup_end and not hasattr(cls, "set_margin"):
+        raise SpeakeridError(f"loss.margin_warmup_end is set but {config.loss.name} has no margin to warm up")
+    if config.data.workers < 0:
+        raise SpeakeridError(f"data.workers is {config.data.workers}: give 0 (batches read in the training process) "
+                             "or more (DataLoader worker processes per rank)")
     speakers = len(shards.index["speakers"])
     if n > speakers:
         raise SpeakeridError(f"data.n_speakers (batch_size) is {n} but the training shards hold {speakers} speakers; "
@@ -228,13 +233,7 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
     set_seed(config.train.seed)
     shards = ShardSet.open(config.data.train_shards, urls=config.data.train_urls)
     check_config(config, shards)
-    run_dir = claim_run_dir(config, force)
-    if accelerator.is_main_process:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-    if config.train.tensorboard:
-        accelerator.init_trackers("tensorboard")
-
+    # Everything a typo can break is built before the run directory is claimed: a failed start writes nothing.
     model, loss = build_model_and_loss(config, n_classes=len(shards.index["speakers"]))
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -245,22 +244,28 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
     rank, world = accelerator.process_index, accelerator.num_processes
     per_epoch = batches_per_epoch(shards.index, data, world, config.data.workers)
     scheduler = build_scheduler(config, optimizer, per_epoch // config.optim.grad_accum)
+    augmenter = build_augmenter(config, accelerator)
+    run_dir = claim_run_dir(config, force)
+    checkpoint = latest_checkpoint(run_dir)
+    progress = Progress.load(checkpoint / "progress.json") if checkpoint is not None else Progress()
+    # The loader is not prepared: each rank reads its own streams; the start position comes from progress.
+    loader = train_loader(shards, data, rank=rank, world_size=world, workers=config.data.workers,
+                          start_batch=progress.batch, pin_memory=torch.cuda.is_available())
+    if accelerator.is_main_process:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    if config.train.tensorboard:
+        accelerator.init_trackers("tensorboard")
+
     model, loss, optimizer = accelerator.prepare(model, loss, optimizer)
     if config.train.compile:
         model = torch.compile(model)
-    augmenter = build_augmenter(config, accelerator)
     augment_rng = GeneratorState(config.train.seed + 1000 * rank)
     accelerator.register_for_checkpointing(scheduler, augment_rng)
-
-    progress = Progress()
-    checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        progress = Progress.load(checkpoint / "progress.json")
         accelerator.print(f"resuming from {checkpoint} (epoch {progress.epoch}, step {progress.step})")
-    # The loader is not prepared: each rank reads its own streams; the start position comes from progress.
-    batches = iter(train_loader(shards, data, rank=rank, world_size=world, workers=config.data.workers,
-                                start_batch=progress.batch, pin_memory=torch.cuda.is_available()))
+    batches = iter(loader)
     stop = StopFlag()
     # per-epoch coverage of this rank's share of the usable utterances, and damaged input skipped
     meter = EpochMeter(usable_utterances(shards.index, data, world * max(1, config.data.workers)) // world)
@@ -274,8 +279,6 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
         return TrainResult(run_dir, progress, stopped, last_loss, validations)
 
     final_margin = getattr(accelerator.unwrap_model(loss), "margin", None)
-    if config.loss.margin_warmup_end and not hasattr(accelerator.unwrap_model(loss), "set_margin"):
-        raise SpeakeridError(f"loss.margin_warmup_end is set but {config.loss.name} has no margin to warm up")
 
     while progress.epoch < config.train.max_epoch:
         model.train()

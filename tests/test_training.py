@@ -59,10 +59,24 @@ def test_resume_after_a_stop_is_bit_identical_to_an_uninterrupted_run(train_shar
     (["batch_size=40"], "data.n_speakers (batch_size) is 40 but the training shards hold 12 speakers"),
     (["nPerSpeaker=1"], "angleproto"),
     (["loss.name=triplet", "nPerSpeaker=3"], "triplet"),
+    (["data.workers=-1"], "data.workers is -1: give 0"),
+    (["model.options.n_outt=32"], "n_outt"),
+    (["optim.name=sgd", "loss.margin_warmup_end=3"], "has no margin to warm up"),
+    (["augment.enabled=true"], "augment.enabled needs augment.musan_shards"),
 ])
 def test_bad_configurations_fail_before_training(train_shards, tmp_path, extra, message):
     result = run_module("train", *_args(train_shards, tmp_path / "run"), *extra, check=False)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()  # nothing claimed: the corrected command is not refused
+
+
+def test_a_typo_leaves_the_run_directory_free_for_the_corrected_command(train_shards, tmp_path):
+    typo = run_module("train", *_args(train_shards, tmp_path / "run"), "model.options.encoder_typ=ASP", check=False)
+    assert typo.returncode == 2 and "encoder_typ" in typo.stderr, typo.stderr
+    corrected = run_module("train", *_args(train_shards, tmp_path / "run"), "model.options.encoder_type=ASP",
+                           "--stop-after-steps", "1")
+    assert "step 1" in corrected.stderr
 
 
 def test_a_run_directory_of_another_config_is_refused_unless_forced(train_shards, tmp_path):
