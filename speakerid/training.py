@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import re
 import shutil
 import signal
 import threading
@@ -183,6 +185,68 @@ class TrainResult:
     validations: list[dict]
 
 
+@dataclass
+class TrainingState:
+    """speakerid's own resumable state, one JSON file per rank beside accelerate's files.
+
+    Not ``register_for_checkpointing``: accelerate reads those back with a full pickle load, which runs whatever
+    code a planted file holds.
+    """
+
+    scheduler: object
+    augment_rng: "GeneratorState"
+
+    @staticmethod
+    def path(checkpoint: Path, rank: int) -> Path:
+        return checkpoint / f"training_state_{rank}.json"
+
+    def save(self, checkpoint: Path, rank: int) -> None:
+        state = {"scheduler": self.scheduler.state_dict(),
+                 "augment_generator": self.augment_rng.generator.get_state().tolist()}
+        self.path(checkpoint, rank).write_text(json.dumps(state))
+
+    def load(self, checkpoint: Path, rank: int) -> None:
+        path = self.path(checkpoint, rank)
+        if path.exists():
+            state = json.loads(path.read_text())
+        else:  # an earlier speakerid registered both with accelerate: read its files without running code
+            state = {"scheduler": torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True),
+                     "augment_generator": torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=True)["state"]}
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.augment_rng.generator.set_state(torch.as_tensor(state["augment_generator"], dtype=torch.uint8))
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, own_state: TrainingState) -> None:
+    """accelerate's files (safetensors; torch.load with weights_only) and speakerid's JSON; one clear error each."""
+    try:
+        load_accelerate_state(accelerator, checkpoint)
+        own_state.load(checkpoint, accelerator.process_index)
+    except pickle.UnpicklingError as error:
+        raise SpeakeridError(f"{checkpoint}: a file holds more than tensors and plain values, so loading it could run "
+                             f"code; refused ({str(error).splitlines()[0]}). Resume only from checkpoints you wrote, "
+                             "or use a new train.run_dir") from None
+    except (RuntimeError, ValueError) as error:
+        shapes = re.findall(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from "
+                            r"checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)", str(error))
+        if not shapes and "state_dict" not in str(error) and "parameter group" not in str(error):
+            raise
+        what = ("; ".join(f"{name} saved {saved}, configured {now}" for name, saved, now in shapes[:4])
+                if shapes else str(error).strip().splitlines()[0])
+        raise SpeakeridError(f"{checkpoint}: the run's saved state does not fit the configured model and optimizer "
+                             f"({what}{' …' if len(shapes) > 4 else ''}); --force keeps the run's weights, so a model of "
+                             "another size cannot resume it: use a new train.run_dir") from None
+
+
+def load_accelerate_state(accelerator: Accelerator, checkpoint: Path) -> None:
+    try:
+        accelerator.load_state(str(checkpoint))
+    except RuntimeError as error:
+        # custom_checkpoint_*.pkl (an earlier speakerid's, or planted): accelerate has loaded all the rest and stops
+        # here, before unpickling them; TrainingState reads what speakerid needs without running code
+        if "Number of custom checkpoints" not in str(error):
+            raise
+
+
 class GeneratorState:
     """A torch.Generator that accelerate checkpoints (augmentation draws resume where they stopped)."""
 
@@ -261,9 +325,9 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
     if config.train.compile:
         model = torch.compile(model)
     augment_rng = GeneratorState(config.train.seed + 1000 * rank)
-    accelerator.register_for_checkpointing(scheduler, augment_rng)
+    own_state = TrainingState(scheduler, augment_rng)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        load_checkpoint(accelerator, checkpoint, own_state)
         accelerator.print(f"resuming from {checkpoint} (epoch {progress.epoch}, step {progress.step})")
     batches = iter(loader)
     stop = StopFlag()
@@ -323,7 +387,7 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
                     stop.event.set()
             if stop or (stop_after_steps and progress.step >= stop_after_steps) or (
                     config.train.save_every_steps and progress.step % config.train.save_every_steps == 0):
-                save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints)
+                save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints, own_state)
                 if stop or (stop_after_steps and progress.step >= stop_after_steps):
                     return finish(bool(stop))
             if config.train.max_steps and progress.step >= config.train.max_steps:
@@ -346,7 +410,7 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
                     scheduler.step(result["eer"])
             elif config.schedule.interval == "epoch":
                 scheduler.step()
-        save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints)
+        save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints, own_state)
         if not epoch_done or (config.train.max_steps and progress.step >= config.train.max_steps):
             break  # max_steps reached (inside an epoch or at its end)
     return finish(False)
@@ -438,9 +502,13 @@ def training_step(model, loss, batch: dict, accelerator: Accelerator, config: Co
     return float(value.detach()), float(accuracy), augmented
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: Progress, keep: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: Progress, keep: int,
+                    own_state: "TrainingState") -> Path:
     path = run_dir / "checkpoints" / f"step-{progress.step:08d}"
     accelerator.save_state(str(path))
+    path.mkdir(parents=True, exist_ok=True)
+    own_state.save(path, accelerator.process_index)
+    accelerator.wait_for_everyone()  # every rank's state is written before progress.json marks the checkpoint complete
     if accelerator.is_main_process:
         progress.save(path / "progress.json")  # written last: a checkpoint without it is incomplete
         done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "progress.json").exists())

@@ -87,6 +87,42 @@ def test_a_run_directory_of_another_config_is_refused_unless_forced(train_shards
     run_module("train", *_args(train_shards, tmp_path / "run"), "optim.lr=0.5", "--force", "--stop-after-steps", "2")
 
 
+def test_force_with_another_model_size_says_which_tensors_do_not_fit(train_shards, tmp_path):
+    run_module("train", *_args(train_shards, tmp_path / "run"), "--stop-after-steps", "1")
+    result = run_module("train", *_args(train_shards, tmp_path / "run"), "model.options.n_out=48", "--force", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "does not fit the configured model" in result.stderr and "saved [32" in result.stderr, result.stderr
+    assert "use a new train.run_dir" in result.stderr
+
+
+class _RunsCode:
+    """A pickle that creates a file when it is loaded: what a planted checkpoint file could do."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_resume_runs_no_code_from_a_planted_pickle(train_shards, tmp_path):
+    import pickle
+
+    run_dir, marker = tmp_path / "run", tmp_path / "code-ran"
+    run_module("train", *_args(train_shards, run_dir), "--stop-after-steps", "2")
+    (checkpoint,) = (run_dir / "checkpoints").glob("step-*")
+    assert list(checkpoint.glob("training_state_0.json")) and not list(checkpoint.glob("custom_checkpoint_*"))
+    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"):  # what accelerate would unpickle in full
+        (checkpoint / name).write_bytes(pickle.dumps(_RunsCode(marker)))
+    resumed = run_module("train", *_args(train_shards, run_dir), "--stop-after-steps", "3")
+    assert "resuming from" in resumed.stdout + resumed.stderr and not marker.exists()
+    latest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    (latest / "optimizer.bin").write_bytes(pickle.dumps(_RunsCode(marker)))
+    refused = run_module("train", *_args(train_shards, run_dir), check=False)
+    assert refused.returncode == 2 and "could run code; refused" in refused.stderr, refused.stderr
+    assert not marker.exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
