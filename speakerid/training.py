@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import queue
 import re
 import shutil
 import signal
@@ -161,16 +162,69 @@ class Progress:
 
 
 class StopFlag:
-    """SIGTERM/SIGUSR1 (SLURM pre-emption, `scancel`) ask for a checkpoint and a clean exit at the next step."""
+    """SIGTERM/SIGUSR1/SIGINT (Slurm pre-emption and `scancel`, Kubernetes, Ctrl-C) ask for a checkpoint and exit 0:
+    at the next step, or at once while the loop waits for data."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.event = threading.Event()
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
+            for sig in self.SIGNALS:
                 signal.signal(sig, lambda signum, frame: self.event.set())
 
     def __bool__(self) -> bool:
         return self.event.is_set()
+
+
+class BatchFetcher:
+    """``next(batches)`` in a daemon thread while the main thread waits with a timeout: a stop request ends a wait
+    for data that never comes (a stalled shard server), and nothing joins the stuck thread at exit."""
+
+    def __init__(self, batches) -> None:
+        self.requests, self.results = queue.SimpleQueue(), queue.SimpleQueue()
+        self.pending = False
+        threading.Thread(target=self._serve, args=(batches,), daemon=True, name="speakerid-batches").start()
+
+    def _serve(self, batches) -> None:
+        while self.requests.get():
+            try:
+                self.results.put((next(batches), None))
+            except BaseException as error:  # raised again in the main thread
+                self.results.put((None, error))
+
+    def next(self, stop: StopFlag | None = None) -> dict | None:
+        """The next batch, or None once ``stop`` is set while waiting (the request stays pending for the next call)."""
+        if not self.pending:
+            self.requests.put(True)
+            self.pending = True
+        while True:
+            try:
+                batch, error = self.results.get(timeout=0.2)
+                break
+            except queue.Empty:
+                if stop:
+                    return None
+        self.pending = False
+        if error is not None:
+            raise error
+        return batch
+
+
+def every_rank_stopped_waiting(accelerator: Accelerator, progress: Progress, timeout: float = 10.0) -> bool:
+    """Did the stop reach every rank while it waited for data? Asked through the launcher's store, not a collective:
+    a rank already in this step's gradient all-reduce would meet a checkpoint's collectives and hang or mix them up.
+    The first rank to decide decides for all, so a late rank never checkpoints alone."""
+    if accelerator.num_processes == 1:
+        return True
+    from torch.distributed.distributed_c10d import _get_default_store  # no public accessor for the rendezvous store
+
+    store, key = _get_default_store(), f"speakerid/stopped-waiting/{progress.batch}"
+    store.add(f"{key}/count", 1)
+    deadline = time.monotonic() + timeout
+    while not (everyone := store.add(f"{key}/count", 0) >= accelerator.num_processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return store.compare_set(f"{key}/decision", "", "stop" if everyone else "wait") == b"stop"
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -329,8 +383,9 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
     if checkpoint is not None:
         load_checkpoint(accelerator, checkpoint, own_state)
         accelerator.print(f"resuming from {checkpoint} (epoch {progress.epoch}, step {progress.step})")
-    batches = iter(loader)
-    stop = StopFlag()
+    stop = StopFlag()  # before the workers fork: they inherit it until their worker_init_fn leaves the signals to us
+    batches = BatchFetcher(iter(loader))
+    saved_step = progress.step if checkpoint is not None else None
     # per-epoch coverage of this rank's share of the usable utterances, and damaged input skipped
     meter = EpochMeter(usable_utterances(shards.index, data, world * max(1, config.data.workers)) // world)
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator)
@@ -339,6 +394,7 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
 
     def finish(stopped: bool) -> TrainResult:
         bar.close()
+        loader.close()
         accelerator.end_training()
         return TrainResult(run_dir, progress, stopped, last_loss, validations)
 
@@ -352,7 +408,13 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
         bar.start(progress.epoch, per_epoch, done=progress.batch - progress.epoch * per_epoch)
         while progress.batch < (progress.epoch + 1) * per_epoch:
             waited = time.perf_counter()
-            batch = next(batches)
+            batch = batches.next(stop)
+            if batch is None and every_rank_stopped_waiting(accelerator, progress):
+                if saved_step != progress.step:  # the state as of the last batch consumed
+                    save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints, own_state)
+                return finish(True)
+            if batch is None:  # another rank is inside this step already: wait on, all stop at its end
+                batch = batches.next()
             meter.update(batch)
             started = time.perf_counter()
             with accelerator.accumulate(model, loss):
@@ -388,6 +450,7 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
             if stop or (stop_after_steps and progress.step >= stop_after_steps) or (
                     config.train.save_every_steps and progress.step % config.train.save_every_steps == 0):
                 save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints, own_state)
+                saved_step = progress.step
                 if stop or (stop_after_steps and progress.step >= stop_after_steps):
                     return finish(bool(stop))
             if config.train.max_steps and progress.step >= config.train.max_steps:
@@ -411,6 +474,7 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
             elif config.schedule.interval == "epoch":
                 scheduler.step()
         save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints, own_state)
+        saved_step = progress.step
         if not epoch_done or (config.train.max_steps and progress.step >= config.train.max_steps):
             break  # max_steps reached (inside an epoch or at its end)
     return finish(False)

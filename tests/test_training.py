@@ -166,6 +166,34 @@ def test_two_nodes_on_loopback(train_shards, tmp_path):
     assert list((tmp_path / "run" / "checkpoints").glob("step-*/progress.json"))
 
 
+def test_a_signal_to_accelerate_launch_checkpoints_on_every_rank_and_resumes_bit_identical(train_shards, tmp_path,
+                                                                                             monkeypatch):
+    """The launcher (torch's elastic agent) gets the group's signal and forwards it to each rank's own process group,
+    DataLoader workers included; every rank checkpoints at the same step and exits 0 before the agent's deadline."""
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "180")  # a loaded test machine: the default 30 s is tight
+    args = ["data.workers=1", "train.log_every=1", "max_epoch=3"]
+    whole = _launch("-m", "train", *_args(train_shards, tmp_path / "whole", *args), port=_free_port())
+    output, _ = whole.communicate(timeout=300)
+    assert whole.returncode == 0, output
+    run_dir = tmp_path / "signalled"
+    process = _launch("-m", "train", *_args(train_shards, run_dir, *args), port=_free_port(), start_new_session=True)
+    try:
+        _wait_for_lines(run_dir / "metrics.jsonl", 2, process, deadline=300)
+        os.killpg(process.pid, signal.SIGTERM)
+        output, _ = process.communicate(timeout=240)
+    finally:
+        _end_group(process)
+    assert output.count("stopped by signal; re-run the same command to resume") == 2, output
+    assert "DataLoader worker" not in output and "Signal 15" not in output, output
+    resumed = _launch("-m", "train", *_args(train_shards, run_dir, *args), port=_free_port())
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and "resuming from" in output, output
+    (model_a, loss_a, name_a), (model_b, loss_b, name_b) = _final_weights(tmp_path / "whole"), _final_weights(run_dir)
+    assert name_a == name_b
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
+
+
 def test_a_nan_loss_stops_with_the_step_keys_and_last_checkpoint(train_shards, tmp_path):
     result = run_module("train", *_args(train_shards, tmp_path / "run", "optim.name=sgd", "optim.lr=1e30",
                                         "train.save_every_steps=1"), check=False)
@@ -196,6 +224,91 @@ def test_sigusr1_checkpoints_exits_0_and_the_resumed_run_is_bit_identical(train_
     assert name_a == name_b
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
     assert all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
+
+
+def _start_in_own_group(cmd, log, env=None) -> subprocess.Popen:
+    """A run in its own process group (as a Slurm step or a container), its output in a file."""
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+def _wait_for_lines(path, n, process, deadline=180):
+    end = time.monotonic() + deadline
+    while not (path.exists() and path.read_text().count("\n") >= n):
+        assert process.poll() is None and time.monotonic() < end, f"{path}: fewer than {n} lines"
+        time.sleep(0.05)
+
+
+def _end_group(process) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # whatever the test left behind (a stuck shard command)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def whole_run_with_workers(train_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("whole-workers") / "run"
+    run_module("train", *_args(train_shards, run_dir, "data.workers=2", "train.log_every=1"))
+    return run_dir
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_process_group_with_workers_checkpoints_and_resumes_bit_identical(
+        train_shards, tmp_path, whole_run_with_workers, sig):
+    """scancel / a time limit / Kubernetes / Ctrl-C signal every process of the group, DataLoader workers included."""
+    run_dir, log = tmp_path / "signalled", tmp_path / "train.log"
+    args = _args(train_shards, run_dir, "data.workers=2", "train.log_every=1")
+    process = _start_in_own_group([sys.executable, "-m", "train", *args], log)
+    try:
+        _wait_for_lines(run_dir / "metrics.jsonl", 3, process)
+        os.killpg(process.pid, sig)
+        assert process.wait(timeout=120) == 0, log.read_text()
+    finally:
+        _end_group(process)
+    assert "stopped by signal; re-run the same command to resume" in log.read_text(), log.read_text()
+    assert "Traceback" not in log.read_text()
+    resumed = run_module("train", *args)
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    (model_a, loss_a, name_a), (model_b, loss_b, name_b) = _final_weights(whole_run_with_workers), _final_weights(run_dir)
+    assert name_a == name_b
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_signal_while_waiting_on_a_stalled_shard_stops_with_a_checkpoint(train_shards, tmp_path, workers):
+    """Shards behind a command that hangs (a dead server, an NFS stall) and ignores signals: the stop request ends
+    the wait, the checkpoint holds the last batch trained, and no stuck worker keeps the run from exiting."""
+    block = tmp_path / "BLOCK"
+    names = ",".join(s["name"] for s in json.loads((train_shards / "index.json").read_text())["shards"])
+    urls = (f"pipe:if [ -e {block} ]; then touch {tmp_path}/blocked; trap '' TERM INT USR1; sleep 600; fi; "
+            f"cat {train_shards}/{{{names}}}")
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    args = _args(train_shards, run_dir, f"data.train_urls={urls}", f"data.workers={workers}", "train.log_every=1",
+                 "max_epoch=50")
+    process = _start_in_own_group([sys.executable, "-m", "train", *args], log)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        _wait_for_lines(metrics, 2, process)
+        block.touch()
+        lines, still = -1, time.monotonic()
+        while time.monotonic() - still < 3:  # blocked: no step for 3 s
+            assert process.poll() is None and time.monotonic() - still < 300, log.read_text()
+            if metrics.read_text().count("\n") != lines:
+                lines, still = metrics.read_text().count("\n"), time.monotonic()
+            time.sleep(0.1)
+        assert (tmp_path / "blocked").exists()
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=120) == 0, log.read_text()
+    finally:
+        _end_group(process)
+    assert "stopped by signal" in log.read_text() and "Traceback" not in log.read_text(), log.read_text()
+    last_step = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    checkpoint = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    assert checkpoint.name == f"step-{last_step:08d}" and (checkpoint / "progress.json").exists()
+    assert json.loads((checkpoint / "progress.json").read_text())["step"] == last_step
 
 
 def test_training_with_on_device_augmentation_from_noise_shards(train_shards, tmp_path):
