@@ -193,22 +193,27 @@ class BatchFetcher:
             except BaseException as error:  # raised again in the main thread
                 self.results.put((None, error))
 
-    def next(self, stop: StopFlag | None = None) -> dict | None:
-        """The next batch, or None once ``stop`` is set while waiting (the request stays pending for the next call)."""
+    def next(self, stop: StopFlag | None = None, timeout: float | None = None) -> dict | None:
+        """The next batch; None once ``stop`` is set while waiting, or after ``timeout`` seconds (the request stays
+        pending for the next call)."""
         if not self.pending:
             self.requests.put(True)
             self.pending = True
+        deadline = time.monotonic() + timeout if timeout is not None else math.inf
         while True:
             try:
                 batch, error = self.results.get(timeout=0.2)
                 break
             except queue.Empty:
-                if stop:
+                if stop or time.monotonic() > deadline:
                     return None
         self.pending = False
         if error is not None:
             raise error
         return batch
+
+
+STOP_GRACE_S = 30.0  # after a stop, how long a rank still waits for the batch that another rank's step needs
 
 
 def every_rank_stopped_waiting(accelerator: Accelerator, progress: Progress, timeout: float = 10.0) -> bool:
@@ -414,7 +419,12 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
                     save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints, own_state)
                 return finish(True)
             if batch is None:  # another rank is inside this step already: wait on, all stop at its end
-                batch = batches.next()
+                batch = batches.next(timeout=STOP_GRACE_S)
+            if batch is None:  # that rank cannot leave the step's collectives to checkpoint, nor can this one join
+                raise SpeakeridError(
+                    f"rank {rank}: stopped while waiting for data that has not come {STOP_GRACE_S:.0f} s later, while "
+                    f"another rank is already inside step {progress.step + 1}: no checkpoint of this moment; the run "
+                    f"resumes from {latest_checkpoint(run_dir) or 'the start'} (the reader's warnings name the shard)")
             meter.update(batch)
             started = time.perf_counter()
             with accelerator.accumulate(model, loss):
