@@ -5,10 +5,11 @@ checkpoints and resume.
     the device → model on (N·M, L) → loss on (N, M, D) → backward/step → log → checkpoint
 
 A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` and ``checkpoints/step-NNNNNNNN``
-(``accelerator.save_state`` plus ``progress.json``). Running the same command again resumes from the
-latest checkpoint: model, loss parameters, optimizer, scheduler, scaler, RNG states and the position in
-the data stream (the reader skips ahead without decoding). SIGTERM/SIGUSR1 (SLURM pre-emption) save a
-checkpoint at the next step and exit 0, so a requeued job resumes.
+(``accelerator.save_state``, ``training_state_<rank>.json`` and ``progress.json``; nothing speakerid owns is
+pickled). Running the same command again resumes from the latest checkpoint: model, loss parameters,
+optimizer, scheduler, scaler, RNG states and the position in the data stream (the reader skips ahead without
+decoding). SIGTERM/SIGUSR1/SIGINT (Slurm pre-emption, Kubernetes, Ctrl-C; DataLoader workers ignore them) save
+a checkpoint at the next step, or at once while waiting for data, and exit 0, so a requeued job resumes.
 """
 
 from __future__ import annotations
