@@ -129,12 +129,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(*args, machines: int = 1, rank: int = 0, port: int, processes: int = 2, **kw) -> subprocess.Popen:
+def _launch(*args, machines: int = 1, rank: int = 0, port: int, processes: int = 2, log=None, **kw) -> subprocess.Popen:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", str(machines), "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", *map(str, args)]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    out = open(log, "w") if log else subprocess.PIPE  # a file: a stuck child of a rank may hold a pipe open
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def test_ddp_step_equals_a_single_process_step_on_the_union_of_batches(train_shards, tmp_path):
@@ -192,6 +193,44 @@ def test_a_signal_to_accelerate_launch_checkpoints_on_every_rank_and_resumes_bit
     assert name_a == name_b
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
     assert all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
+
+
+def test_two_ranks_stopped_while_waiting_on_a_stalled_shard_end_without_hanging(train_shards, tmp_path, monkeypatch):
+    """Both ranks waiting at the same step agree (through the store) and checkpoint; a rank already inside the step
+    cannot, and then the waiting rank gives up after its grace time with one message: the run never hangs."""
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "90")
+    block = tmp_path / "BLOCK"
+    names = ",".join(s["name"] for s in json.loads((train_shards / "index.json").read_text())["shards"])
+    pids = tmp_path / "stuck-pids"
+    # $$$$: torchrun expands its argument macros with string.Template, which turns $$ into $
+    urls = (f"pipe:if [ -e {block} ]; then echo $$$$ >> {pids}; trap '' TERM INT USR1; exec sleep 600; fi; "
+            f"cat {train_shards}/{{{names}}}")
+    run_dir, log = tmp_path / "run", tmp_path / "launch.log"
+    args = _args(train_shards, run_dir, f"data.train_urls={urls}", "train.log_every=1", "max_epoch=50")
+    process = _launch("-m", "train", *args, port=_free_port(), start_new_session=True, log=log)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        _wait_for_lines(metrics, 2, process, deadline=300)
+        block.touch()
+        lines, still = -1, time.monotonic()
+        while time.monotonic() - still < 4:  # blocked: no step for 4 s
+            assert process.poll() is None and time.monotonic() - still < 300
+            if metrics.read_text().count("\n") != lines:
+                lines, still = metrics.read_text().count("\n"), time.monotonic()
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=240)
+    finally:
+        _end_group(process)
+        for pid in (pids.read_text().split() if pids.exists() else []):  # the ranks' stuck shard commands
+            subprocess.run(["kill", "-9", pid], check=False)
+    output = log.read_text()
+    last_step = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    if output.count("stopped by signal; re-run the same command to resume") == 2:
+        assert sorted((run_dir / "checkpoints").glob("step-*"))[-1].name == f"step-{last_step:08d}", output
+    else:
+        assert "stopped while waiting for data that has not come 30 s later" in output, output
+        assert "the run resumes from" in output
 
 
 def test_a_nan_loss_stops_with_the_step_keys_and_last_checkpoint(train_shards, tmp_path):
