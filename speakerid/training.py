@@ -298,6 +298,11 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, own_state: Train
 
 
 def load_accelerate_state(accelerator: Accelerator, checkpoint: Path) -> None:
+    from accelerate.utils import load
+
+    rng_states = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+    if rng_states.exists():  # accelerate skips an unreadable one with an info log: the resume would not be exact
+        load(rng_states)
     try:
         accelerator.load_state(str(checkpoint))
     except RuntimeError as error:

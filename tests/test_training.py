@@ -117,10 +117,13 @@ def test_resume_runs_no_code_from_a_planted_pickle(train_shards, tmp_path):
     resumed = run_module("train", *_args(train_shards, run_dir), "--stop-after-steps", "3")
     assert "resuming from" in resumed.stdout + resumed.stderr and not marker.exists()
     latest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
-    (latest / "optimizer.bin").write_bytes(pickle.dumps(_RunsCode(marker)))
-    refused = run_module("train", *_args(train_shards, run_dir), check=False)
-    assert refused.returncode == 2 and "could run code; refused" in refused.stderr, refused.stderr
-    assert not marker.exists()
+    for name in ("random_states_0.pkl", "optimizer.bin"):  # accelerate's own files, read with weights_only
+        original = (latest / name).read_bytes()
+        (latest / name).write_bytes(pickle.dumps(_RunsCode(marker)))
+        refused = run_module("train", *_args(train_shards, run_dir), check=False)
+        assert refused.returncode == 2 and "could run code; refused" in refused.stderr, refused.stderr
+        assert not marker.exists()
+        (latest / name).write_bytes(original)
 
 
 def _free_port() -> int:
