@@ -5,16 +5,20 @@ checkpoints and resume.
     the device → model on (N·M, L) → loss on (N, M, D) → backward/step → log → checkpoint
 
 A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl`` and ``checkpoints/step-NNNNNNNN``
-(``accelerator.save_state`` plus ``progress.json``). Running the same command again resumes from the
-latest checkpoint: model, loss parameters, optimizer, scheduler, scaler, RNG states and the position in
-the data stream (the reader skips ahead without decoding). SIGTERM/SIGUSR1 (SLURM pre-emption) save a
-checkpoint at the next step and exit 0, so a requeued job resumes.
+(``accelerator.save_state``, ``training_state_<rank>.json`` and ``progress.json``; nothing speakerid owns is
+pickled). Running the same command again resumes from the latest checkpoint: model, loss parameters,
+optimizer, scheduler, scaler, RNG states and the position in the data stream (the reader skips ahead without
+decoding). SIGTERM/SIGUSR1/SIGINT (Slurm pre-emption, Kubernetes, Ctrl-C; DataLoader workers ignore them) save
+a checkpoint at the next step, or at once while waiting for data, and exit 0, so a requeued job resumes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import pickle
+import queue
+import re
 import shutil
 import signal
 import threading
@@ -106,6 +110,11 @@ def check_config(config: Config, shards: ShardSet) -> None:
     m, n = config.data.utts_per_speaker, config.data.n_speakers
     cls = loss_class(config.loss.name)
     cls.check_utts_per_speaker(m)
+    if config.loss.margin_warmup_end and not hasattr(cls, "set_margin"):
+        raise SpeakeridError(f"loss.margin_warmup_end is set but {config.loss.name} has no margin to warm up")
+    if config.data.workers < 0:
+        raise SpeakeridError(f"data.workers is {config.data.workers}: give 0 (batches read in the training process) "
+                             "or more (DataLoader worker processes per rank)")
     speakers = len(shards.index["speakers"])
     if n > speakers:
         raise SpeakeridError(f"data.n_speakers (batch_size) is {n} but the training shards hold {speakers} speakers; "
@@ -154,16 +163,74 @@ class Progress:
 
 
 class StopFlag:
-    """SIGTERM/SIGUSR1 (SLURM pre-emption, `scancel`) ask for a checkpoint and a clean exit at the next step."""
+    """SIGTERM/SIGUSR1/SIGINT (Slurm pre-emption and `scancel`, Kubernetes, Ctrl-C) ask for a checkpoint and exit 0:
+    at the next step, or at once while the loop waits for data."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.event = threading.Event()
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
+            for sig in self.SIGNALS:
                 signal.signal(sig, lambda signum, frame: self.event.set())
 
     def __bool__(self) -> bool:
         return self.event.is_set()
+
+
+class BatchFetcher:
+    """``next(batches)`` in a daemon thread while the main thread waits with a timeout: a stop request ends a wait
+    for data that never comes (a stalled shard server), and nothing joins the stuck thread at exit."""
+
+    def __init__(self, batches) -> None:
+        self.requests, self.results = queue.SimpleQueue(), queue.SimpleQueue()
+        self.pending = False
+        threading.Thread(target=self._serve, args=(batches,), daemon=True, name="speakerid-batches").start()
+
+    def _serve(self, batches) -> None:
+        while self.requests.get():
+            try:
+                self.results.put((next(batches), None))
+            except BaseException as error:  # raised again in the main thread
+                self.results.put((None, error))
+
+    def next(self, stop: StopFlag | None = None, timeout: float | None = None) -> dict | None:
+        """The next batch; None once ``stop`` is set while waiting, or after ``timeout`` seconds (the request stays
+        pending for the next call)."""
+        if not self.pending:
+            self.requests.put(True)
+            self.pending = True
+        deadline = time.monotonic() + timeout if timeout is not None else math.inf
+        while True:
+            try:
+                batch, error = self.results.get(timeout=0.2)
+                break
+            except queue.Empty:
+                if stop or time.monotonic() > deadline:
+                    return None
+        self.pending = False
+        if error is not None:
+            raise error
+        return batch
+
+
+STOP_GRACE_S = 30.0  # after a stop, how long a rank still waits for the batch that another rank's step needs
+
+
+def every_rank_stopped_waiting(accelerator: Accelerator, progress: Progress, timeout: float = 10.0) -> bool:
+    """Did the stop reach every rank while it waited for data? Asked through the launcher's store, not a collective:
+    a rank already in this step's gradient all-reduce would meet a checkpoint's collectives and hang or mix them up.
+    The first rank to decide decides for all, so a late rank never checkpoints alone."""
+    if accelerator.num_processes == 1:
+        return True
+    from torch.distributed.distributed_c10d import _get_default_store  # no public accessor for the rendezvous store
+
+    store, key = _get_default_store(), f"speakerid/stopped-waiting/{progress.batch}"
+    store.add(f"{key}/count", 1)
+    deadline = time.monotonic() + timeout
+    while not (everyone := store.add(f"{key}/count", 0) >= accelerator.num_processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return store.compare_set(f"{key}/decision", "", "stop" if everyone else "wait") == b"stop"
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -176,6 +243,81 @@ class TrainResult:
     stopped_by_signal: bool
     last_loss: float
     validations: list[dict]
+
+
+@dataclass
+class TrainingState:
+    """speakerid's own resumable state, one JSON file per rank beside accelerate's files.
+
+    Not ``register_for_checkpointing``: accelerate reads those back with a full pickle load, which runs whatever
+    code a planted file holds.
+    """
+
+    scheduler: object
+    meter: EpochMeter  # the epoch's data report so far, so the report after a resume covers the whole epoch
+
+    @staticmethod
+    def path(checkpoint: Path, rank: int) -> Path:
+        return checkpoint / f"training_state_{rank}.json"
+
+    @staticmethod
+    def meter_path(checkpoint: Path, rank: int) -> Path:
+        return checkpoint / f"data_meter_{rank}.safetensors"
+
+    def save(self, checkpoint: Path, rank: int) -> None:
+        self.path(checkpoint, rank).write_text(json.dumps({"scheduler": self.scheduler.state_dict()}))
+        self.meter.save(self.meter_path(checkpoint, rank))
+
+    def load(self, checkpoint: Path, rank: int) -> str | None:
+        """Load; returns a note when the checkpoint (an earlier speakerid's) lacks part of this state."""
+        path = self.path(checkpoint, rank)
+        if path.exists():
+            state = json.loads(path.read_text())
+        else:  # an earlier speakerid registered the scheduler with accelerate: read its file without running code
+            state = {"scheduler": torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True)}
+        self.scheduler.load_state_dict(state["scheduler"])
+        if not self.meter_path(checkpoint, rank).exists():
+            return f"{checkpoint} holds no data report: this epoch's report covers only the part after the resume"
+        self.meter.load(self.meter_path(checkpoint, rank))
+        return None
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, own_state: TrainingState) -> None:
+    """accelerate's files (safetensors; torch.load with weights_only) and speakerid's JSON; one clear error each."""
+    try:
+        load_accelerate_state(accelerator, checkpoint)
+        note = own_state.load(checkpoint, accelerator.process_index)
+        if note:
+            accelerator.print(note)
+    except pickle.UnpicklingError as error:
+        raise SpeakeridError(f"{checkpoint}: a file holds more than tensors and plain values, so loading it could run "
+                             f"code; refused ({str(error).splitlines()[0]}). Resume only from checkpoints you wrote, "
+                             "or use a new train.run_dir") from None
+    except (RuntimeError, ValueError) as error:
+        shapes = re.findall(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from "
+                            r"checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)", str(error))
+        if not shapes and "state_dict" not in str(error) and "parameter group" not in str(error):
+            raise
+        what = ("; ".join(f"{name} saved {saved}, configured {now}" for name, saved, now in shapes[:4])
+                if shapes else str(error).strip().splitlines()[0])
+        raise SpeakeridError(f"{checkpoint}: the run's saved state does not fit the configured model and optimizer "
+                             f"({what}{' …' if len(shapes) > 4 else ''}); --force keeps the run's weights, so a model of "
+                             "another size cannot resume it: use a new train.run_dir") from None
+
+
+def load_accelerate_state(accelerator: Accelerator, checkpoint: Path) -> None:
+    from accelerate.utils import load
+
+    rng_states = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+    if rng_states.exists():  # accelerate skips an unreadable one with an info log: the resume would not be exact
+        load(rng_states)
+    try:
+        accelerator.load_state(str(checkpoint))
+    except RuntimeError as error:
+        # custom_checkpoint_*.pkl (an earlier speakerid's, or planted): accelerate has loaded all the rest and stops
+        # here, before unpickling them; TrainingState reads what speakerid needs without running code
+        if "Number of custom checkpoints" not in str(error):
+            raise
 
 
 def build_augmenter(config: Config, accelerator: Accelerator):
@@ -217,13 +359,7 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
     set_seed(config.train.seed)
     shards = ShardSet.open(config.data.train_shards, urls=config.data.train_urls, io_timeout=config.data.io_timeout)
     check_config(config, shards)
-    run_dir = claim_run_dir(config, force)
-    if accelerator.is_main_process:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-    if config.train.tensorboard:
-        accelerator.init_trackers("tensorboard")
-
+    # Everything a typo can break is built before the run directory is claimed: a failed start writes nothing.
     model, loss = build_model_and_loss(config, n_classes=len(shards.index["speakers"]))
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -235,37 +371,42 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
     rank, world = accelerator.process_index, accelerator.num_processes
     per_epoch = batches_per_epoch(shards.index, data, world, config.data.workers)
     scheduler = build_scheduler(config, optimizer, per_epoch // config.optim.grad_accum)
+    augmenter = build_augmenter(config, accelerator)
+    run_dir = claim_run_dir(config, force)
+    checkpoint = latest_checkpoint(run_dir)
+    progress = Progress.load(checkpoint / "progress.json") if checkpoint is not None else Progress()
+    # The loader is not prepared: each rank reads its own streams; the start position comes from progress.
+    loader = train_loader(shards, data, rank=rank, world_size=world, workers=config.data.workers,
+                          start_batch=progress.batch, pin_memory=torch.cuda.is_available())
+    if accelerator.is_main_process:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    if config.train.tensorboard:
+        accelerator.init_trackers("tensorboard")
+
     model, loss, optimizer = accelerator.prepare(model, loss, optimizer)
     if config.train.compile:
         model = torch.compile(model)
-    augmenter = build_augmenter(config, accelerator)
-    accelerator.register_for_checkpointing(scheduler)
-
-    progress = Progress()
     # per-epoch coverage of this rank's share of the usable utterances, and damaged input skipped
     meter = EpochMeter(usable_utterances(shards.index, data, world * max(1, config.data.workers)) // world)
-    checkpoint = latest_checkpoint(run_dir)
+    own_state = TrainingState(scheduler, meter)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        progress = Progress.load(checkpoint / "progress.json")
-        load_meter(meter, checkpoint, rank, accelerator)
+        load_checkpoint(accelerator, checkpoint, own_state)
         accelerator.print(f"resuming from {checkpoint} (epoch {progress.epoch}, step {progress.step})")
-    # The loader is not prepared: each rank reads its own streams; the start position comes from progress.
-    batches = iter(train_loader(shards, data, rank=rank, world_size=world, workers=config.data.workers,
-                                start_batch=progress.batch, pin_memory=torch.cuda.is_available()))
-    stop = StopFlag()
+    stop = StopFlag()  # before the workers fork: they inherit it until their worker_init_fn leaves the signals to us
+    batches = BatchFetcher(iter(loader))
+    saved_step = progress.step if checkpoint is not None else None
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator)
     bar = EpochBar(accelerator.is_main_process)
     last_loss, validations = float("nan"), []
 
     def finish(stopped: bool) -> TrainResult:
         bar.close()
+        loader.close()
         accelerator.end_training()
         return TrainResult(run_dir, progress, stopped, last_loss, validations)
 
     final_margin = getattr(accelerator.unwrap_model(loss), "margin", None)
-    if config.loss.margin_warmup_end and not hasattr(accelerator.unwrap_model(loss), "set_margin"):
-        raise SpeakeridError(f"loss.margin_warmup_end is set but {config.loss.name} has no margin to warm up")
 
     while progress.epoch < config.train.max_epoch:
         model.train()
@@ -275,7 +416,18 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
         bar.start(progress.epoch, per_epoch, done=progress.batch - progress.epoch * per_epoch)
         while progress.batch < (progress.epoch + 1) * per_epoch:
             waited = time.perf_counter()
-            batch = next(batches)
+            batch = batches.next(stop)
+            if batch is None and every_rank_stopped_waiting(accelerator, progress):
+                if saved_step != progress.step:  # the state as of the last batch consumed
+                    save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints, own_state)
+                return finish(True)
+            if batch is None:  # another rank is inside this step already: wait on, all stop at its end
+                batch = batches.next(timeout=STOP_GRACE_S)
+            if batch is None:  # that rank cannot leave the step's collectives to checkpoint, nor can this one join
+                raise SpeakeridError(
+                    f"rank {rank}: stopped while waiting for data that has not come {STOP_GRACE_S:.0f} s later, while "
+                    f"another rank is already inside step {progress.step + 1}: no checkpoint of this moment; the run "
+                    f"resumes from {latest_checkpoint(run_dir) or 'the start'} (the reader's warnings name the shard)")
             meter.update(batch)
             started = time.perf_counter()
             # the step's augmentation is a function of (seed, rank, batch index): exact on resume, nothing saved
@@ -311,7 +463,8 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
                     stop.event.set()
             if stop or (stop_after_steps and progress.step >= stop_after_steps) or (
                     config.train.save_every_steps and progress.step % config.train.save_every_steps == 0):
-                save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints, meter)
+                save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints, own_state)
+                saved_step = progress.step
                 if stop or (stop_after_steps and progress.step >= stop_after_steps):
                     return finish(bool(stop))
             if config.train.max_steps and progress.step >= config.train.max_steps:
@@ -334,7 +487,8 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
                     scheduler.step(result["eer"])
             elif config.schedule.interval == "epoch":
                 scheduler.step()
-        save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints, meter)
+        save_checkpoint(accelerator, run_dir, progress, config.train.keep_checkpoints, own_state)
+        saved_step = progress.step
         if not epoch_done or (config.train.max_steps and progress.step >= config.train.max_steps):
             break  # max_steps reached (inside an epoch or at its end)
     return finish(False)
@@ -426,24 +580,13 @@ def training_step(model, loss, batch: dict, accelerator: Accelerator, config: Co
     return float(value.detach()), float(accuracy), augmented
 
 
-def meter_path(checkpoint: Path, rank: int) -> Path:
-    return checkpoint / f"data_meter_{rank}.safetensors"
-
-
-def load_meter(meter: EpochMeter, checkpoint: Path, rank: int, accelerator: Accelerator) -> None:
-    """The epoch's data report so far, so the report after a resume covers the whole epoch."""
-    if meter_path(checkpoint, rank).exists():
-        meter.load(meter_path(checkpoint, rank))
-    else:  # a checkpoint of an earlier speakerid
-        accelerator.print(f"{checkpoint} holds no data report: this epoch's report covers only the part after the resume")
-
-
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: Progress, keep: int, meter: EpochMeter) -> Path:
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: Progress, keep: int,
+                    own_state: "TrainingState") -> Path:
     path = run_dir / "checkpoints" / f"step-{progress.step:08d}"
     accelerator.save_state(str(path))
     path.mkdir(parents=True, exist_ok=True)
-    meter.save(meter_path(path, accelerator.process_index))
-    accelerator.wait_for_everyone()  # every rank's part is written before progress.json marks it complete
+    own_state.save(path, accelerator.process_index)
+    accelerator.wait_for_everyone()  # every rank's state is written before progress.json marks the checkpoint complete
     if accelerator.is_main_process:
         progress.save(path / "progress.json")  # written last: a checkpoint without it is incomplete
         done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "progress.json").exists())

@@ -92,10 +92,24 @@ def test_resume_with_undecodable_members_gives_the_same_weights_and_data_reports
     (["batch_size=40"], "data.n_speakers (batch_size) is 40 but the training shards hold 12 speakers"),
     (["nPerSpeaker=1"], "angleproto"),
     (["loss.name=triplet", "nPerSpeaker=3"], "triplet"),
+    (["data.workers=-1"], "data.workers is -1: give 0"),
+    (["model.options.n_outt=32"], "n_outt"),
+    (["optim.name=sgd", "loss.margin_warmup_end=3"], "has no margin to warm up"),
+    (["augment.enabled=true"], "augment.enabled needs augment.musan_shards"),
 ])
 def test_bad_configurations_fail_before_training(train_shards, tmp_path, extra, message):
     result = run_module("train", *_args(train_shards, tmp_path / "run"), *extra, check=False)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()  # nothing claimed: the corrected command is not refused
+
+
+def test_a_typo_leaves_the_run_directory_free_for_the_corrected_command(train_shards, tmp_path):
+    typo = run_module("train", *_args(train_shards, tmp_path / "run"), "model.options.encoder_typ=ASP", check=False)
+    assert typo.returncode == 2 and "encoder_typ" in typo.stderr, typo.stderr
+    corrected = run_module("train", *_args(train_shards, tmp_path / "run"), "model.options.encoder_type=ASP",
+                           "--stop-after-steps", "1")
+    assert "step 1" in corrected.stderr
 
 
 def test_a_run_directory_of_another_config_is_refused_unless_forced(train_shards, tmp_path):
@@ -106,18 +120,58 @@ def test_a_run_directory_of_another_config_is_refused_unless_forced(train_shards
     run_module("train", *_args(train_shards, tmp_path / "run"), "optim.lr=0.5", "--force", "--stop-after-steps", "2")
 
 
+def test_force_with_another_model_size_says_which_tensors_do_not_fit(train_shards, tmp_path):
+    run_module("train", *_args(train_shards, tmp_path / "run"), "--stop-after-steps", "1")
+    result = run_module("train", *_args(train_shards, tmp_path / "run"), "model.options.n_out=48", "--force", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "does not fit the configured model" in result.stderr and "saved [32" in result.stderr, result.stderr
+    assert "use a new train.run_dir" in result.stderr
+
+
+class _RunsCode:
+    """A pickle that creates a file when it is loaded: what a planted checkpoint file could do."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_resume_runs_no_code_from_a_planted_pickle(train_shards, tmp_path):
+    import pickle
+
+    run_dir, marker = tmp_path / "run", tmp_path / "code-ran"
+    run_module("train", *_args(train_shards, run_dir), "--stop-after-steps", "2")
+    (checkpoint,) = (run_dir / "checkpoints").glob("step-*")
+    assert list(checkpoint.glob("training_state_0.json")) and not list(checkpoint.glob("custom_checkpoint_*"))
+    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"):  # what accelerate would unpickle in full
+        (checkpoint / name).write_bytes(pickle.dumps(_RunsCode(marker)))
+    resumed = run_module("train", *_args(train_shards, run_dir), "--stop-after-steps", "3")
+    assert "resuming from" in resumed.stdout + resumed.stderr and not marker.exists()
+    latest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    for name in ("random_states_0.pkl", "optimizer.bin"):  # accelerate's own files, read with weights_only
+        original = (latest / name).read_bytes()
+        (latest / name).write_bytes(pickle.dumps(_RunsCode(marker)))
+        refused = run_module("train", *_args(train_shards, run_dir), check=False)
+        assert refused.returncode == 2 and "could run code; refused" in refused.stderr, refused.stderr
+        assert not marker.exists()
+        (latest / name).write_bytes(original)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _launch(*args, machines: int = 1, rank: int = 0, port: int, processes: int = 2, **kw) -> subprocess.Popen:
+def _launch(*args, machines: int = 1, rank: int = 0, port: int, processes: int = 2, log=None, **kw) -> subprocess.Popen:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", str(machines), "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", *map(str, args)]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    out = open(log, "w") if log else subprocess.PIPE  # a file: a stuck child of a rank may hold a pipe open
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def test_ddp_step_equals_a_single_process_step_on_the_union_of_batches(train_shards, tmp_path):
@@ -147,6 +201,72 @@ def test_two_nodes_on_loopback(train_shards, tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
     assert "done: epoch 1" in outputs[0]
     assert list((tmp_path / "run" / "checkpoints").glob("step-*/progress.json"))
+
+
+def test_a_signal_to_accelerate_launch_checkpoints_on_every_rank_and_resumes_bit_identical(train_shards, tmp_path,
+                                                                                             monkeypatch):
+    """The launcher (torch's elastic agent) gets the group's signal and forwards it to each rank's own process group,
+    DataLoader workers included; every rank checkpoints at the same step and exits 0 before the agent's deadline."""
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "180")  # a loaded test machine: the default 30 s is tight
+    args = ["data.workers=1", "train.log_every=1", "max_epoch=3"]
+    whole = _launch("-m", "train", *_args(train_shards, tmp_path / "whole", *args), port=_free_port())
+    output, _ = whole.communicate(timeout=300)
+    assert whole.returncode == 0, output
+    run_dir = tmp_path / "signalled"
+    process = _launch("-m", "train", *_args(train_shards, run_dir, *args), port=_free_port(), start_new_session=True)
+    try:
+        _wait_for_lines(run_dir / "metrics.jsonl", 2, process, deadline=300)
+        os.killpg(process.pid, signal.SIGTERM)
+        output, _ = process.communicate(timeout=240)
+    finally:
+        _end_group(process)
+    assert output.count("stopped by signal; re-run the same command to resume") == 2, output
+    assert "DataLoader worker" not in output and "Signal 15" not in output, output
+    resumed = _launch("-m", "train", *_args(train_shards, run_dir, *args), port=_free_port())
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and "resuming from" in output, output
+    (model_a, loss_a, name_a), (model_b, loss_b, name_b) = _final_weights(tmp_path / "whole"), _final_weights(run_dir)
+    assert name_a == name_b
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
+
+
+def test_two_ranks_stopped_while_waiting_on_a_stalled_shard_end_without_hanging(train_shards, tmp_path, monkeypatch):
+    """Both ranks waiting at the same step agree (through the store) and checkpoint; a rank already inside the step
+    cannot, and then the waiting rank gives up after its grace time with one message: the run never hangs."""
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "90")
+    block = tmp_path / "BLOCK"
+    names = ",".join(s["name"] for s in json.loads((train_shards / "index.json").read_text())["shards"])
+    pids = tmp_path / "stuck-pids"
+    # $$$$: torchrun expands its argument macros with string.Template, which turns $$ into $
+    urls = (f"pipe:if [ -e {block} ]; then echo $$$$ >> {pids}; trap '' TERM INT USR1; exec sleep 600; fi; "
+            f"cat {train_shards}/{{{names}}}")
+    run_dir, log = tmp_path / "run", tmp_path / "launch.log"
+    args = _args(train_shards, run_dir, f"data.train_urls={urls}", "train.log_every=1", "max_epoch=50")
+    process = _launch("-m", "train", *args, port=_free_port(), start_new_session=True, log=log)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        _wait_for_lines(metrics, 2, process, deadline=300)
+        block.touch()
+        lines, still = -1, time.monotonic()
+        while time.monotonic() - still < 4:  # blocked: no step for 4 s
+            assert process.poll() is None and time.monotonic() - still < 300
+            if metrics.read_text().count("\n") != lines:
+                lines, still = metrics.read_text().count("\n"), time.monotonic()
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=240)
+    finally:
+        _end_group(process)
+        for pid in (pids.read_text().split() if pids.exists() else []):  # the ranks' stuck shard commands
+            subprocess.run(["kill", "-9", pid], check=False)
+    output = log.read_text()
+    last_step = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    if output.count("stopped by signal; re-run the same command to resume") == 2:
+        assert sorted((run_dir / "checkpoints").glob("step-*"))[-1].name == f"step-{last_step:08d}", output
+    else:
+        assert "stopped while waiting for data that has not come 30 s later" in output, output
+        assert "the run resumes from" in output
 
 
 def test_a_nan_loss_stops_with_the_step_keys_and_last_checkpoint(train_shards, tmp_path):
@@ -179,6 +299,91 @@ def test_sigusr1_checkpoints_exits_0_and_the_resumed_run_is_bit_identical(train_
     assert name_a == name_b
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
     assert all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
+
+
+def _start_in_own_group(cmd, log, env=None) -> subprocess.Popen:
+    """A run in its own process group (as a Slurm step or a container), its output in a file."""
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+def _wait_for_lines(path, n, process, deadline=180):
+    end = time.monotonic() + deadline
+    while not (path.exists() and path.read_text().count("\n") >= n):
+        assert process.poll() is None and time.monotonic() < end, f"{path}: fewer than {n} lines"
+        time.sleep(0.05)
+
+
+def _end_group(process) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # whatever the test left behind (a stuck shard command)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def whole_run_with_workers(train_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("whole-workers") / "run"
+    run_module("train", *_args(train_shards, run_dir, "data.workers=2", "train.log_every=1"))
+    return run_dir
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_process_group_with_workers_checkpoints_and_resumes_bit_identical(
+        train_shards, tmp_path, whole_run_with_workers, sig):
+    """scancel / a time limit / Kubernetes / Ctrl-C signal every process of the group, DataLoader workers included."""
+    run_dir, log = tmp_path / "signalled", tmp_path / "train.log"
+    args = _args(train_shards, run_dir, "data.workers=2", "train.log_every=1")
+    process = _start_in_own_group([sys.executable, "-m", "train", *args], log)
+    try:
+        _wait_for_lines(run_dir / "metrics.jsonl", 3, process)
+        os.killpg(process.pid, sig)
+        assert process.wait(timeout=120) == 0, log.read_text()
+    finally:
+        _end_group(process)
+    assert "stopped by signal; re-run the same command to resume" in log.read_text(), log.read_text()
+    assert "Traceback" not in log.read_text()
+    resumed = run_module("train", *args)
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    (model_a, loss_a, name_a), (model_b, loss_b, name_b) = _final_weights(whole_run_with_workers), _final_weights(run_dir)
+    assert name_a == name_b
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_signal_while_waiting_on_a_stalled_shard_stops_with_a_checkpoint(train_shards, tmp_path, workers):
+    """Shards behind a command that hangs (a dead server, an NFS stall) and ignores signals: the stop request ends
+    the wait, the checkpoint holds the last batch trained, and no stuck worker keeps the run from exiting."""
+    block = tmp_path / "BLOCK"
+    names = ",".join(s["name"] for s in json.loads((train_shards / "index.json").read_text())["shards"])
+    urls = (f"pipe:if [ -e {block} ]; then touch {tmp_path}/blocked; trap '' TERM INT USR1; sleep 600; fi; "
+            f"cat {train_shards}/{{{names}}}")
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    args = _args(train_shards, run_dir, f"data.train_urls={urls}", f"data.workers={workers}", "train.log_every=1",
+                 "max_epoch=50")
+    process = _start_in_own_group([sys.executable, "-m", "train", *args], log)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        _wait_for_lines(metrics, 2, process)
+        block.touch()
+        lines, still = -1, time.monotonic()
+        while time.monotonic() - still < 3:  # blocked: no step for 3 s
+            assert process.poll() is None and time.monotonic() - still < 300, log.read_text()
+            if metrics.read_text().count("\n") != lines:
+                lines, still = metrics.read_text().count("\n"), time.monotonic()
+            time.sleep(0.1)
+        assert (tmp_path / "blocked").exists()
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=120) == 0, log.read_text()
+    finally:
+        _end_group(process)
+    assert "stopped by signal" in log.read_text() and "Traceback" not in log.read_text(), log.read_text()
+    last_step = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    checkpoint = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    assert checkpoint.name == f"step-{last_step:08d}" and (checkpoint / "progress.json").exists()
+    assert json.loads((checkpoint / "progress.json").read_text())["step"] == last_step
 
 
 @pytest.fixture(scope="module")
