@@ -14,6 +14,7 @@ a checkpoint at the next step, or at once while waiting for data, and exit 0, so
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pickle
@@ -176,6 +177,24 @@ class StopFlag:
 
     def __bool__(self) -> bool:
         return self.event.is_set()
+
+
+def restoring_signal_handlers(function):
+    """A caller of train() (a notebook, a test, the demo) gets its own SIGTERM/SIGUSR1/SIGINT handlers back when
+    it returns or raises: StopFlag's would otherwise swallow a later Ctrl-C."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return function(*args, **kwargs)
+        previous = {sig: signal.getsignal(sig) for sig in StopFlag.SIGNALS}
+        try:
+            return function(*args, **kwargs)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    return wrapper
 
 
 class BatchFetcher:
@@ -345,6 +364,7 @@ def build_augmenter(config: Config, accelerator: Accelerator):
     return Augmenter(AugmentConfig(**no_musan, **no_rir, p_none=p_none), musan, rirs, seed=config.train.seed, stream=stream)
 
 
+@restoring_signal_handlers
 def train(config: Config, *, force: bool = False, stop_after_steps: int | None = None,
           validate=None, export=None) -> TrainResult:
     """Train as configured; resume from the run directory's latest checkpoint if there is one.

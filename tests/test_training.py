@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from speakerid.data.lists import read_train_list
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.writer import pack
+from speakerid.errors import SpeakeridError
 from tests.conftest import REPO, run_module
 
 
@@ -450,3 +451,16 @@ def test_two_processes_with_augmentation_resume_bit_identical(train_shards, nois
     launch(tmp_path / "resumed", "--stop-after-steps", "5")  # 4 steps an epoch on 2 ranks: inside the second
     launch(tmp_path / "resumed")
     _assert_same_final_weights(tmp_path / "whole", tmp_path / "resumed")
+
+
+def test_train_called_from_python_gives_the_callers_signal_handlers_back(train_shards, tmp_path):
+    """The demo and notebooks call train() in-process: afterwards Ctrl-C and SIGTERM must work as before."""
+    from speakerid.config import load_config
+    from speakerid.training import StopFlag, train
+
+    before = {sig: signal.getsignal(sig) for sig in StopFlag.SIGNALS}
+    train(load_config(None, _args(train_shards, tmp_path / "run", "train.max_steps=1")))
+    assert {sig: signal.getsignal(sig) for sig in StopFlag.SIGNALS} == before
+    with pytest.raises(SpeakeridError, match="loss is nan"):  # also when it fails inside the loop
+        train(load_config(None, _args(train_shards, tmp_path / "nan", "optim.name=sgd", "optim.lr=1e30")))
+    assert {sig: signal.getsignal(sig) for sig in StopFlag.SIGNALS} == before
