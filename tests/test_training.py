@@ -19,6 +19,7 @@ from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.writer import pack
 from speakerid.errors import SpeakeridError
 from tests.conftest import REPO, run_module
+from tests.test_batches import _zero_flac_frames
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +64,11 @@ def test_resume_with_undecodable_members_gives_the_same_weights_and_data_reports
     """Skipped batches drop the same damaged tuples as decoded ones; the report of the epoch cut by the stop covers
     all of it."""
     import shutil
-    import tarfile
 
     damaged = tmp_path / "damaged"
     shutil.copytree(train_shards, damaged)
     for shard in sorted(damaged.glob("*.tar"))[:3]:  # every flac member's frames zeroed: it parses, it does not decode
-        with tarfile.open(shard) as tar:
-            members = [(m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith(".flac")]
-        data = bytearray(shard.read_bytes())
-        for offset, size in members:
-            data[offset + 100:offset + size] = bytes(size - 100)
-        shard.write_bytes(bytes(data))
+        _zero_flac_frames(shard)
     run_module("train", *_args(damaged, tmp_path / "whole"))
     run_module("train", *_args(damaged, tmp_path / "resumed"), "--stop-after-steps", "13")  # in the second epoch
     run_module("train", *_args(damaged, tmp_path / "resumed"))
