@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speakerid.errors import SpeakeridError
+from speakerid.losses.distributed import gather_batch
 
 # F.pairwise_distance adds this to the difference before the norm; the seeds' distances include it.
 PAIRWISE_EPS = 1e-6
@@ -63,6 +64,23 @@ class SpeakerLoss(nn.Module):
         """(N, M, D), (N,) → (N·M, D), (N·M,): row i's utterances stay contiguous (as softmaxproto does)."""
         n, m, d = x.shape
         return x.reshape(n * m, d), labels.repeat_interleave(m)
+
+
+class ScaledCosineLoss(SpeakerLoss):
+    """A metric loss on ``w · cos + b`` with learnable w and b, optionally over every rank's batch (angleproto, ge2e)."""
+
+    def __init__(self, *, init_w: float = 10.0, init_b: float = -5.0, cross_rank_negatives: bool = False) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(init_w))
+        self.b = nn.Parameter(torch.tensor(init_b))
+        self.cross_rank_negatives = cross_rank_negatives
+
+    def inputs(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """check_input, then every rank's rows when cross_rank_negatives is set."""
+        x, labels = self.check_input(x, labels)
+        if self.cross_rank_negatives:
+            x, labels = gather_batch(x, labels)
+        return x, labels
 
 
 def top1(logits: Tensor, target: Tensor) -> Tensor:
