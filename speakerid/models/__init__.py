@@ -5,9 +5,9 @@ embeddings ``(B, D)``; its front-end is part of it. The seeds' option names are 
 (``nOut`` for ``n_out``; the seeds already say ``encoder_type``, ``n_mels``, ``log_input``).
 
 Where things live: ``resnet_se`` (the seeds' ResNetSE34L/V2/34), ``vggvox`` (VGGVox40), ``resnet`` (the
-WeSpeaker-style ResNet34), ``ecapa`` (ECAPA-TDNN), ``pooling`` (SAP, ASP, TAP, max and (channel-attentive) statistics pooling); the
-front-ends (spectrogram, HTK mel, Kaldi fbank) are in ``speakerid.features``. Adding a model is a file here and a
-line in ``MODELS`` below.
+WeSpeaker-style ResNet34), ``ecapa`` (ECAPA-TDNN), ``pooling`` (SAP, ASP, TAP, max and (channel-attentive)
+statistics pooling); the front-ends (spectrogram, HTK mel, Kaldi fbank) are in ``speakerid.features``. Adding
+a model is a file here and a line in ``MODELS`` below.
 """
 
 from __future__ import annotations
