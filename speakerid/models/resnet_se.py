@@ -75,6 +75,13 @@ def make_layer(inplanes: int, planes: int, blocks: int, stride: int | tuple[int,
                          *(SEBasicBlock(planes, planes) for _ in range(blocks - 1)))
 
 
+def resnet34_layers(filters: tuple[int, int, int, int], last_stride: tuple[int, int]) -> tuple[nn.Sequential, ...]:
+    """The seeds' four SE stages (3, 4, 6, 3 blocks); stages 2 and 3 halve time and frequency."""
+    strides = (1, (2, 2), (2, 2), last_stride)
+    inputs = (filters[0], *filters[:3])
+    return tuple(make_layer(i, f, blocks, stride) for i, f, blocks, stride in zip(inputs, filters, LAYERS_34, strides))
+
+
 def init_seed_weights(model: nn.Module) -> None:
     """The seeds' initialisation: Kaiming-normal (fan_out) convolutions, BatchNorm weight 1 and bias 0."""
     for module in model.modules():
@@ -115,10 +122,7 @@ class ResNetSE34L(nn.Module):
         self.torchfb = MelSpectrogram(n_mels=n_mels, window=window)
         self.conv1 = nn.Conv2d(1, filters[0], kernel_size=7, stride=(2, 1), padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(filters[0])
-        self.layer1 = make_layer(filters[0], filters[0], LAYERS_34[0])
-        self.layer2 = make_layer(filters[0], filters[1], LAYERS_34[1], stride=(2, 2))
-        self.layer3 = make_layer(filters[1], filters[2], LAYERS_34[2], stride=(2, 2))
-        self.layer4 = make_layer(filters[2], filters[3], LAYERS_34[3], stride=(1, 1))
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet34_layers(filters, last_stride=(1, 1))
         self.sap_linear = nn.Linear(filters[3], filters[3])
         self.attention = xavier_parameter(filters[3], 1)
         self.fc = nn.Linear(filters[3] * (2 if encoder_type == "ASP" else 1), n_out)
@@ -150,10 +154,7 @@ class ResNetSE34V2(nn.Module):
         self.torchfb = nn.Sequential(PreEmphasis(), MelSpectrogram(n_mels=n_mels, window="hamming"))
         self.conv1 = nn.Conv2d(1, filters[0], kernel_size=3, stride=1, padding=1)
         self.bn1 = nn.BatchNorm2d(filters[0])
-        self.layer1 = make_layer(filters[0], filters[0], LAYERS_34[0])
-        self.layer2 = make_layer(filters[0], filters[1], LAYERS_34[1], stride=(2, 2))
-        self.layer3 = make_layer(filters[1], filters[2], LAYERS_34[2], stride=(2, 2))
-        self.layer4 = make_layer(filters[2], filters[3], LAYERS_34[3], stride=(2, 2))
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet34_layers(filters, last_stride=(2, 2))
         # frequency left after three stride-2 layers; the seed writes int(n_mels / 8), equal wherever it runs
         features = filters[3] * math.ceil(n_mels / 8)
         self.attention = nn.Sequential(
@@ -196,10 +197,7 @@ class ResNetSE34(nn.Module):
         self.conv1 = nn.Conv2d(1, filters[0], kernel_size=7, stride=(2, 1), padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(filters[0])
         self.maxPool = nn.MaxPool2d(kernel_size=(3, 3), stride=(2, 1), padding=1)  # noqa: N815 (seed's name)
-        self.layer1 = make_layer(filters[0], filters[0], LAYERS_34[0])
-        self.layer2 = make_layer(filters[0], filters[1], LAYERS_34[1], stride=(2, 2))
-        self.layer3 = make_layer(filters[1], filters[2], LAYERS_34[2], stride=(2, 2))
-        self.layer4 = make_layer(filters[2], filters[3], LAYERS_34[3], stride=(2, 2))
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet34_layers(filters, last_stride=(2, 2))
         self.sap_linear = nn.Linear(filters[3], filters[3])
         self.attention = xavier_parameter(filters[3], 1)
         self.fc = nn.Linear(filters[3], n_out)
