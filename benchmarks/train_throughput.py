@@ -69,7 +69,8 @@ from common import cat_seconds, machine, matmul_flops_per_s, network_seconds, st
 from loader_throughput import SpeakerTupleSampler, load_crop, seed_worker  # noqa: E402
 
 from speakerid.config import load_config  # noqa: E402
-from speakerid.data.batches import BatchConfig, train_loader  # noqa: E402
+from speakerid.data.batch_config import BatchConfig  # noqa: E402
+from speakerid.data.batches import train_loader  # noqa: E402
 from speakerid.data.lists import read_train_list, scan_audio_tree  # noqa: E402
 from speakerid.data.plan import PackConfig, make_plan  # noqa: E402
 from speakerid.data.shardset import ShardSet  # noqa: E402

@@ -22,13 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from speakerid.errors import SpeakeridError
-
-
-def option(default: Any, help: str, **kw) -> Any:
-    """A dataclass field with its help text (kept in metadata for the generated option reference)."""
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+from speakerid.options import option
 
 
 @dataclass

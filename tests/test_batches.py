@@ -22,8 +22,8 @@ import soundfile
 import torch
 
 from speakerid.audio import crop_start, wrap_pad
-from speakerid.data.batches import (BatchConfig, Pool, TrainStream, Utterance, batches_per_epoch, train_loader,
-                                    usable_utterances)
+from speakerid.data.batch_config import BatchConfig
+from speakerid.data.batches import Pool, TrainStream, Utterance, batches_per_epoch, train_loader, usable_utterances
 from speakerid.data.lists import read_train_list, utterance_key
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.shardset import ShardSet, assign_streams
