@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
+from speakerid.data.batch_config import ALIASES as BATCH_ALIASES
+from speakerid.data.batch_config import BatchConfig, batch_fields
 from speakerid.errors import SpeakeridError
 from speakerid.options import option
 
@@ -39,19 +41,15 @@ class LossSection:
     margin_warmup_end: int = option(0, "… to loss.options.margin at this epoch (0: no warm-up)")
 
 
-@dataclass
-class DataSection:
-    train_shards: str = option("", "training shard directory, its index.json, or an http(s) URL of either")
-    train_urls: str | None = option(None, "shard URLs instead of the index's neighbours (brace pattern, pipe:, http)")
-    n_speakers: int = option(200, "N distinct speakers per batch and rank")
-    utts_per_speaker: int = option(2, "M utterances per speaker")
-    max_frames: int = option(200, "training crop of max_frames·160 + 240 samples")
-    max_seg_per_spk: int = option(500, "a speaker's utterances used per pass, at most")
-    open_shards: int = option(4, "shards each reader stream reads at once")
-    pool_factor: float = option(2.0, "draw a batch once the pool holds pool_factor × N speaker tuples")
-    workers: int = option(4, "DataLoader workers per rank")
-    io_timeout: float = option(60.0, "seconds without a byte from an http(s) or pipe: shard before it is an error")
-    shard_retries: int = option(3, "a shard whose reading fails this many passes in a row stops training")
+# The batch options (n_speakers … shard_retries) are BatchConfig's, declared once in speakerid/data/batch_config.py;
+# the seed is train.seed.
+DataSection = dataclasses.make_dataclass("DataSection", [
+    ("train_shards", str, option("", "training shard directory, its index.json, or an http(s) URL of either")),
+    ("train_urls", str | None, option(None, "shard URLs instead of the index's neighbours (brace pattern, pipe:, http)")),
+    *batch_fields(exclude=("seed",)),
+    ("workers", int, option(4, "DataLoader workers per rank")),
+    ("io_timeout", float, option(60.0, "seconds without a byte from an http(s) or pipe: shard before it is an error")),
+], namespace={"__module__": __name__})
 
 
 @dataclass
@@ -122,6 +120,11 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def batch_config(self) -> BatchConfig:
+        """What the reader takes: the data section's batch options, seeded with train.seed."""
+        options = {f.name: getattr(self.data, f.name) for f in dataclasses.fields(BatchConfig) if f.name != "seed"}
+        return BatchConfig(**options, seed=self.train.seed)
+
 
 # voxceleb_trainer's option names → speakerid's dotted keys.
 ALIASES = {
@@ -129,8 +132,8 @@ ALIASES = {
     "encoder_type": "model.options.encoder_type", "n_mels": "model.options.n_mels", "log_input": "model.options.log_input",
     "nClasses": "loss.options.nClasses", "margin": "loss.options.margin", "scale": "loss.options.scale",
     "hard_rank": "loss.options.hard_rank", "hard_prob": "loss.options.hard_prob",
-    "batch_size": "data.n_speakers", "nPerSpeaker": "data.utts_per_speaker", "max_frames": "data.max_frames",
-    "max_seg_per_spk": "data.max_seg_per_spk", "nDataLoaderThread": "data.workers", "train_path": "data.train_shards",
+    **{seed: f"data.{name}" for seed, name in BATCH_ALIASES.items()},  # batch_size, nPerSpeaker, max_frames, …
+    "nDataLoaderThread": "data.workers", "train_path": "data.train_shards",
     "augment": "augment.enabled", "musan_path": "augment.musan_shards", "rir_path": "augment.rir_shards",
     "optimizer": "optim.name", "lr": "optim.lr", "weight_decay": "optim.weight_decay",
     "scheduler": "schedule.name", "lr_decay": "schedule.gamma",
