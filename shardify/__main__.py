@@ -143,26 +143,10 @@ def run_pack(args) -> int:
         shard_size=args.shard_size, max_utts=args.max_utts, seed=args.seed, prefix=args.prefix,
         resample=args.resample, downmix=args.downmix, min_seconds=args.min_seconds,
     )
-    if args.kind == "train":
-        if args.list:
-            entries = lists.read_train_list(args.list)
-        else:  # VoxCeleb's layout: SPEAKER/VIDEO/UTT.ext, the speaker is the first folder
-            entries = lists.scan_audio_tree(args.root)
-            flat = [e.relpath for e in entries if "/" not in e.relpath]
-            if flat:
-                raise SpeakeridError(
-                    f"{args.root}: {len(flat)} audio file(s) lie directly in --root (first: {flat[0]}), so their "
-                    "speaker is unknown; put each speaker's audio under a folder named after the speaker, or give "
-                    "--list with 'speaker relpath' lines")
-            console.print(f"no --list: {len(entries)} audio files under {args.root}, "
-                          f"{len({e.spk for e in entries})} speakers (the first folder of each path)")
-    elif args.trials:
-        entries = lists.entries_from_trials(args.trials) + (lists.read_eval_list(args.list) if args.list else [])
-        entries = list({e.relpath: e for e in entries}.values())
-    elif args.list:
-        entries = lists.read_eval_list(args.list)
-    else:
-        entries = lists.scan_audio_tree(args.root)
+    entries = lists.pack_inputs(args.kind, args.root, args.list, args.trials)
+    if args.kind == "train" and not args.list:
+        console.print(f"no --list: {len(entries)} audio files under {args.root}, "
+                      f"{len({e.spk for e in entries})} speakers (the first folder of each path)")
     with console.status(f"planning {len(entries)} utterances …"):
         plan = make_plan(entries, args.root, config, skip_bad=args.skip_bad)
     listener = RichListener()
