@@ -3,7 +3,8 @@
     cfg = load_config("configs/demo.yaml", ["optim.lr=0.01", "batch_size=100"])
 
 Sections are dataclasses; every field has a type, a default and a one-line help (the README's option
-reference is generated from them). Unknown keys are errors that list the valid ones, so a typo never does
+reference is generated from them). The data section's batch options are :class:`BatchConfig`'s, declared once in
+speakerid/data/batch_config.py; ``Config.batch_config()`` hands them to the reader. Unknown keys are errors that list the valid ones, so a typo never does
 nothing silently. voxceleb_trainer's option names are accepted as aliases (``trainfunc``,
 ``nPerSpeaker``, ``batch_size``, ``max_frames``, ``nOut``, ``lr_decay``, ``test_interval``, …), at the top
 level of the YAML or on the command line.
