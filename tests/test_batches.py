@@ -154,13 +154,6 @@ def test_skipped_batches_are_not_decoded(flac_shards):
     assert calls["decode"] == CONFIG.n_speakers * CONFIG.utts_per_speaker  # the yielded batch only
 
 
-def test_seed_option_names_are_aliases():
-    config = BatchConfig.from_dict({"batch_size": 7, "nPerSpeaker": 3, "max_frames": 100, "max_seg_per_spk": 50})
-    assert (config.n_speakers, config.utts_per_speaker, config.crop_samples) == (7, 3, 16240)
-    with pytest.raises(SpeakeridError, match="unknown batch option 'nPerSpeakr'.*nPerSpeaker"):
-        BatchConfig.from_dict({"nPerSpeakr": 2})
-
-
 def test_too_few_speakers_for_a_batch_is_an_error_at_start_up(wav_shards):
     with pytest.raises(SpeakeridError, match="batch needs 40 distinct speakers"):
         train_loader(ShardSet.open(wav_shards), BatchConfig(n_speakers=40))
