@@ -53,7 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from common import cat_seconds, machine, page_cache_seconds  # noqa: E402
 
-from speakerid.data.batches import BatchConfig, train_loader  # noqa: E402
+from speakerid.data.batch_config import BatchConfig  # noqa: E402
+from speakerid.data.batches import train_loader  # noqa: E402
 from speakerid.data.lists import read_train_list  # noqa: E402
 from speakerid.data.plan import PackConfig, make_plan  # noqa: E402
 from speakerid.data.shardset import ShardSet  # noqa: E402

@@ -69,7 +69,7 @@ from common import cat_seconds, machine, matmul_flops_per_s, network_seconds, st
 from loader_throughput import SpeakerTupleSampler, load_crop, seed_worker  # noqa: E402
 
 from speakerid.config import load_config  # noqa: E402
-from speakerid.data.batches import BatchConfig, train_loader  # noqa: E402
+from speakerid.data.batches import train_loader  # noqa: E402
 from speakerid.data.lists import read_train_list, scan_audio_tree  # noqa: E402
 from speakerid.data.plan import PackConfig, make_plan  # noqa: E402
 from speakerid.data.shardset import ShardSet  # noqa: E402
@@ -275,8 +275,7 @@ def run_speakerid(args, accelerator, shards: ShardSet, augment: bool, banks) -> 
     model, loss, optimizer = accelerator.prepare(model, loss, optimizer)
     augmenter = build_augmenter(config, accelerator)
     generator = torch.Generator().manual_seed(config.train.seed + 1000)
-    data = BatchConfig(n_speakers=config.data.n_speakers, utts_per_speaker=config.data.utts_per_speaker,
-                       max_frames=config.data.max_frames, seed=config.train.seed)
+    data = config.batch_config()
     it = iter(train_loader(shards, data, workers=config.data.workers, pin_memory=accelerator.device.type == "cuda"))
 
     def step(batch) -> float:

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from speakerid.audio import MIN_SECONDS
+from speakerid.data.batch_config import BatchConfig, batch_fields
 from speakerid.data import index as shard_index
 from speakerid.data import lists, writer
 from speakerid.data.plan import DEFAULT_SHARD_SIZE, KINDS, PackConfig, make_plan
@@ -95,16 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("read", help="read training batches for an epoch: crops/s, coverage, faults")
     r.add_argument("shards", help="shard directory, its index.json, or an http(s) URL of either")
     r.add_argument("--urls", help="shard URLs instead of the index's neighbours (brace pattern, pipe:, http)")
-    r.add_argument("--batch-size", "--n-speakers", dest="n_speakers", type=int, default=200, help="N speakers a batch")
-    r.add_argument("--nPerSpeaker", "--utts-per-speaker", dest="utts_per_speaker", type=int, default=2, help="M")
-    r.add_argument("--max-frames", type=int, default=200, help="crop = max_frames·160 + 240 samples")
-    r.add_argument("--max-seg-per-spk", type=int, default=500)
-    r.add_argument("--open-shards", type=int, default=4)
+    for name, type_, option in batch_fields():  # the run config's data.* options: same defaults, help, seed names
+        flags = dict.fromkeys(f"--{n.replace('_', '-')}" for n in (option.metadata.get("seed"), name) if n)
+        r.add_argument(*flags, dest=name, type=type_, default=option.default, help=option.metadata["help"])
     r.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     r.add_argument("--world-size", type=int, default=1, help="read as rank --rank of this many")
     r.add_argument("--rank", type=int, default=0)
     r.add_argument("--epochs", type=float, default=1.0)
-    r.add_argument("--seed", type=int, default=0)
     r.add_argument("--io-timeout", type=float, default=60.0, help="seconds without a byte from an http/pipe: shard")
     return parser
 
@@ -143,26 +141,10 @@ def run_pack(args) -> int:
         shard_size=args.shard_size, max_utts=args.max_utts, seed=args.seed, prefix=args.prefix,
         resample=args.resample, downmix=args.downmix, min_seconds=args.min_seconds,
     )
-    if args.kind == "train":
-        if args.list:
-            entries = lists.read_train_list(args.list)
-        else:  # VoxCeleb's layout: SPEAKER/VIDEO/UTT.ext, the speaker is the first folder
-            entries = lists.scan_audio_tree(args.root)
-            flat = [e.relpath for e in entries if "/" not in e.relpath]
-            if flat:
-                raise SpeakeridError(
-                    f"{args.root}: {len(flat)} audio file(s) lie directly in --root (first: {flat[0]}), so their "
-                    "speaker is unknown; put each speaker's audio under a folder named after the speaker, or give "
-                    "--list with 'speaker relpath' lines")
-            console.print(f"no --list: {len(entries)} audio files under {args.root}, "
-                          f"{len({e.spk for e in entries})} speakers (the first folder of each path)")
-    elif args.trials:
-        entries = lists.entries_from_trials(args.trials) + (lists.read_eval_list(args.list) if args.list else [])
-        entries = list({e.relpath: e for e in entries}.values())
-    elif args.list:
-        entries = lists.read_eval_list(args.list)
-    else:
-        entries = lists.scan_audio_tree(args.root)
+    entries = lists.pack_inputs(args.kind, args.root, args.list, args.trials)
+    if args.kind == "train" and not args.list:
+        console.print(f"no --list: {len(entries)} audio files under {args.root}, "
+                      f"{len({e.spk for e in entries})} speakers (the first folder of each path)")
     with console.status(f"planning {len(entries)} utterances …"):
         plan = make_plan(entries, args.root, config, skip_bad=args.skip_bad)
     listener = RichListener()
@@ -238,36 +220,23 @@ def run_merge(args) -> int:
 
 
 def run_read(args) -> int:
-    import time
-
-    from speakerid.data.batches import BatchConfig, EpochMeter, train_loader, usable_utterances
+    from speakerid.data.read_check import read_epochs
     from speakerid.data.shardset import ShardSet
 
     shards = ShardSet.open(args.shards, urls=args.urls, io_timeout=args.io_timeout)
-    config = BatchConfig(n_speakers=args.n_speakers, utts_per_speaker=args.utts_per_speaker,
-                         max_frames=args.max_frames, max_seg_per_spk=args.max_seg_per_spk,
-                         open_shards=args.open_shards, seed=args.seed)
-    loader = train_loader(shards, config, rank=args.rank, world_size=args.world_size, workers=args.workers)
-    per_epoch = loader.dataset.batches_per_epoch
-    total = max(1, int(per_epoch * args.epochs))
-    meter = EpochMeter(usable_utterances(shards.index, config, args.world_size * max(1, args.workers)) // args.world_size)
-    start = time.perf_counter()
+    config = BatchConfig(**{name: getattr(args, name) for name, _, _ in batch_fields()})
     with Progress(TextColumn("[bold]reading"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
-        task = progress.add_task("read", total=total)
-        for i, batch in enumerate(loader):
-            meter.update(batch)
-            progress.advance(task)
-            if i + 1 == total:
-                break
-    seconds = time.perf_counter() - start
-    report = meter.report()
+        task = progress.add_task("read", total=None)
+        report = read_epochs(shards, config, rank=args.rank, world_size=args.world_size, workers=args.workers,
+                             epochs=args.epochs,
+                             progress=lambda done, total: progress.update(task, completed=done, total=total))
     table = Table(show_header=False, title=f"shardify read: N={config.n_speakers} × M={config.utts_per_speaker}, "
                                            f"{config.crop_samples} samples, {args.workers} worker(s), rank {args.rank} of {args.world_size}")
-    for row in (("batches per epoch (every rank)", f"{per_epoch}"), ("batches read", f"{total}"),
-                ("crops/s (start-up included)", f"{report['crops'] / seconds:.0f}"),
-                ("coverage of this rank's usable utterances", f"{report['coverage']:.1%}"),
-                ("corrupt members / damaged shards skipped", f"{report['corrupt_members']} / {report['damaged_shards']}")):
+    for row in (("batches per epoch (every rank)", f"{report.batches_per_epoch}"), ("batches read", f"{report.batches}"),
+                ("crops/s (start-up included)", f"{report.crops_per_second:.0f}"),
+                ("coverage of this rank's usable utterances", f"{report.coverage:.1%}"),
+                ("corrupt members / damaged shards skipped", f"{report.corrupt_members} / {report.damaged_shards}")):
         table.add_row(*row)
     console.print(table)
     return 0

@@ -3,7 +3,8 @@
     cfg = load_config("configs/demo.yaml", ["optim.lr=0.01", "batch_size=100"])
 
 Sections are dataclasses; every field has a type, a default and a one-line help (the README's option
-reference is generated from them). Unknown keys are errors that list the valid ones, so a typo never does
+reference is generated from them). The data section's batch options are :class:`BatchConfig`'s, declared once in
+speakerid/data/batch_config.py; ``Config.batch_config()`` hands them to the reader. Unknown keys are errors that list the valid ones, so a typo never does
 nothing silently. voxceleb_trainer's option names are accepted as aliases (``trainfunc``,
 ``nPerSpeaker``, ``batch_size``, ``max_frames``, ``nOut``, ``lr_decay``, ``test_interval``, …), at the top
 level of the YAML or on the command line.
@@ -21,14 +22,10 @@ from typing import Any, Literal
 
 import yaml
 
+from speakerid.data.batch_config import ALIASES as BATCH_ALIASES
+from speakerid.data.batch_config import BatchConfig, batch_fields
 from speakerid.errors import SpeakeridError
-
-
-def option(default: Any, help: str, **kw) -> Any:
-    """A dataclass field with its help text (kept in metadata for the generated option reference)."""
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+from speakerid.options import option
 
 
 @dataclass
@@ -45,19 +42,15 @@ class LossSection:
     margin_warmup_end: int = option(0, "… to loss.options.margin at this epoch (0: no warm-up)")
 
 
-@dataclass
-class DataSection:
-    train_shards: str = option("", "training shard directory, its index.json, or an http(s) URL of either")
-    train_urls: str | None = option(None, "shard URLs instead of the index's neighbours (brace pattern, pipe:, http)")
-    n_speakers: int = option(200, "N distinct speakers per batch and rank")
-    utts_per_speaker: int = option(2, "M utterances per speaker")
-    max_frames: int = option(200, "training crop of max_frames·160 + 240 samples")
-    max_seg_per_spk: int = option(500, "a speaker's utterances used per pass, at most")
-    open_shards: int = option(4, "shards each reader stream reads at once")
-    pool_factor: float = option(2.0, "draw a batch once the pool holds pool_factor × N speaker tuples")
-    workers: int = option(4, "DataLoader workers per rank")
-    io_timeout: float = option(60.0, "seconds without a byte from an http(s) or pipe: shard before it is an error")
-    shard_retries: int = option(3, "a shard whose reading fails this many passes in a row stops training")
+# The batch options (n_speakers … shard_retries) are BatchConfig's, declared once in speakerid/data/batch_config.py;
+# the seed is train.seed.
+DataSection = dataclasses.make_dataclass("DataSection", [
+    ("train_shards", str, option("", "training shard directory, its index.json, or an http(s) URL of either")),
+    ("train_urls", str | None, option(None, "shard URLs instead of the index's neighbours (brace pattern, pipe:, http)")),
+    *batch_fields(exclude=("seed",)),
+    ("workers", int, option(4, "DataLoader workers per rank")),
+    ("io_timeout", float, option(60.0, "seconds without a byte from an http(s) or pipe: shard before it is an error")),
+], namespace={"__module__": __name__})
 
 
 @dataclass
@@ -128,6 +121,11 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def batch_config(self) -> BatchConfig:
+        """What the reader takes: the data section's batch options, seeded with train.seed."""
+        options = {f.name: getattr(self.data, f.name) for f in dataclasses.fields(BatchConfig) if f.name != "seed"}
+        return BatchConfig(**options, seed=self.train.seed)
+
 
 # voxceleb_trainer's option names → speakerid's dotted keys.
 ALIASES = {
@@ -135,8 +133,8 @@ ALIASES = {
     "encoder_type": "model.options.encoder_type", "n_mels": "model.options.n_mels", "log_input": "model.options.log_input",
     "nClasses": "loss.options.nClasses", "margin": "loss.options.margin", "scale": "loss.options.scale",
     "hard_rank": "loss.options.hard_rank", "hard_prob": "loss.options.hard_prob",
-    "batch_size": "data.n_speakers", "nPerSpeaker": "data.utts_per_speaker", "max_frames": "data.max_frames",
-    "max_seg_per_spk": "data.max_seg_per_spk", "nDataLoaderThread": "data.workers", "train_path": "data.train_shards",
+    **{seed: f"data.{name}" for seed, name in BATCH_ALIASES.items()},  # batch_size, nPerSpeaker, max_frames, …
+    "nDataLoaderThread": "data.workers", "train_path": "data.train_shards",
     "augment": "augment.enabled", "musan_path": "augment.musan_shards", "rir_path": "augment.rir_shards",
     "optimizer": "optim.name", "lr": "optim.lr", "weight_decay": "optim.weight_decay",
     "scheduler": "schedule.name", "lr_decay": "schedule.gamma",

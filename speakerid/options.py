@@ -1,6 +1,19 @@
-"""Keyword options that arrive from YAML and the command line, checked against a constructor's annotations."""
+"""Options that arrive from YAML and the command line: declared with their help, checked against annotations."""
 
 from __future__ import annotations
+
+from dataclasses import field
+from typing import Any
+
+
+def option(default: Any, help: str, **kw) -> Any:
+    """A dataclass field with its help text (kept in metadata for the generated option reference and flags).
+
+    ``seed="nPerSpeaker"`` names the seeds' spelling of the option, accepted as an alias wherever it is read.
+    """
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
 
 
 def fits_annotation(value: object, annotation: object) -> bool:

@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from speakerid.config import Config, diff_configs, save_config
-from speakerid.data.batches import BatchConfig, EpochMeter, batches_per_epoch, train_loader, usable_utterances
+from speakerid.data.batches import EpochMeter, batches_per_epoch, train_loader, usable_utterances
 from speakerid.data.shardset import ShardSet
 from speakerid.errors import SpeakeridError
 from speakerid.features import int16_to_float
@@ -384,10 +384,7 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, list(model.parameters()) + list(loss.parameters()))
-    data = BatchConfig(n_speakers=config.data.n_speakers, utts_per_speaker=config.data.utts_per_speaker,
-                       max_frames=config.data.max_frames, max_seg_per_spk=config.data.max_seg_per_spk,
-                       open_shards=config.data.open_shards, pool_factor=config.data.pool_factor, seed=config.train.seed,
-                       shard_retries=config.data.shard_retries)
+    data = config.batch_config()
     rank, world = accelerator.process_index, accelerator.num_processes
     per_epoch = batches_per_epoch(shards.index, data, world, config.data.workers)
     scheduler = build_scheduler(config, optimizer, per_epoch // config.optim.grad_accum)

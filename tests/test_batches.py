@@ -22,8 +22,8 @@ import soundfile
 import torch
 
 from speakerid.audio import crop_start, wrap_pad
-from speakerid.data.batches import (BatchConfig, Pool, TrainStream, Utterance, batches_per_epoch, train_loader,
-                                    usable_utterances)
+from speakerid.data.batch_config import BatchConfig
+from speakerid.data.batches import Pool, TrainStream, Utterance, batches_per_epoch, train_loader, usable_utterances
 from speakerid.data.lists import read_train_list, utterance_key
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.shardset import ShardSet, assign_streams
@@ -152,13 +152,6 @@ def test_skipped_batches_are_not_decoded(flac_shards):
     finally:
         batches_module.read_crop = original
     assert calls["decode"] == CONFIG.n_speakers * CONFIG.utts_per_speaker  # the yielded batch only
-
-
-def test_seed_option_names_are_aliases():
-    config = BatchConfig.from_dict({"batch_size": 7, "nPerSpeaker": 3, "max_frames": 100, "max_seg_per_spk": 50})
-    assert (config.n_speakers, config.utts_per_speaker, config.crop_samples) == (7, 3, 16240)
-    with pytest.raises(SpeakeridError, match="unknown batch option 'nPerSpeakr'.*nPerSpeaker"):
-        BatchConfig.from_dict({"nPerSpeakr": 2})
 
 
 def test_too_few_speakers_for_a_batch_is_an_error_at_start_up(wav_shards):

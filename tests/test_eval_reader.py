@@ -10,7 +10,8 @@ import pytest
 import soundfile
 import torch
 
-from speakerid.data.batches import BatchConfig, EpochMeter, train_loader, usable_utterances
+from speakerid.data.batch_config import BatchConfig
+from speakerid.data.batches import EpochMeter, train_loader, usable_utterances
 from speakerid.data.eval_reader import AudioTree, EvalConfig, EvalUtterances, eval_crops, eval_loader
 from speakerid.data.lists import entries_from_trials, scan_audio_tree, utterance_key
 from speakerid.data.noise import NoiseBank

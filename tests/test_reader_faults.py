@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from speakerid.data.batches import BatchConfig, Faults, TrainStream, parse, read_shard, train_loader
+from speakerid.data.batch_config import BatchConfig
+from speakerid.data.batches import Faults, TrainStream, parse, read_shard, train_loader
 from speakerid.data.eval_reader import eval_loader
 from speakerid.data.lists import entries_from_trials, read_train_list, scan_audio_tree
 from speakerid.data.noise import NoiseBank

@@ -25,62 +25,21 @@ import multiprocessing
 import os
 import signal
 from collections import defaultdict, deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from speakerid.audio import read_crop
+from speakerid.data.batch_config import BatchConfig
 from speakerid.data.index import member_intact, split_member
 from speakerid.data.shardset import ShardSet, assign_streams
-from speakerid.data.shardio import (DEFAULT_IO_TIMEOUT, DEFAULT_SHARD_RETRIES, ShardFailures, ShardUnavailable,
-                                    open_shard)
+from speakerid.data.shardio import DEFAULT_IO_TIMEOUT, ShardFailures, ShardUnavailable, open_shard
 from speakerid.data.tarstream import iter_tar
 from speakerid.errors import SpeakeridError
 
 log = logging.getLogger("speakerid.data")
-
-# voxceleb_trainer's option names, accepted wherever a BatchConfig is built from a dict.
-ALIASES = {"batch_size": "n_speakers", "nPerSpeaker": "utts_per_speaker", "nDataLoaderThread": "workers"}
-
-
-@dataclass(frozen=True)
-class BatchConfig:
-    n_speakers: int = 200  # N (the seeds' batch_size)
-    utts_per_speaker: int = 2  # M (nPerSpeaker)
-    max_frames: int = 200  # crop = max_frames · 160 + 240 samples
-    max_seg_per_spk: int = 500  # a speaker's utterances used per pass, at most
-    open_shards: int = 4  # shards a stream reads at once, interleaved, to mix speakers
-    pool_factor: float = 2.0  # draw a batch once the pool holds pool_factor × N tuples
-    seed: int = 0
-    shard_retries: int = DEFAULT_SHARD_RETRIES  # a shard failing this many passes in a row is an error
-
-    def __post_init__(self) -> None:
-        for name in ("n_speakers", "utts_per_speaker", "max_frames", "max_seg_per_spk", "open_shards",
-                     "shard_retries"):
-            if getattr(self, name) < 1:
-                raise SpeakeridError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.pool_factor < 1:
-            raise SpeakeridError(f"pool_factor must be at least 1, got {self.pool_factor}")
-        if self.max_seg_per_spk < self.utts_per_speaker:
-            raise SpeakeridError(f"max_seg_per_spk {self.max_seg_per_spk} < utts_per_speaker {self.utts_per_speaker}")
-
-    @property
-    def crop_samples(self) -> int:
-        return self.max_frames * 160 + 240
-
-    @classmethod
-    def from_dict(cls, options: dict) -> "BatchConfig":
-        """Build from a dict using either speakerid's or voxceleb_trainer's names."""
-        valid = {f.name for f in fields(cls)}
-        resolved = {}
-        for key, value in options.items():
-            name = ALIASES.get(key, key)
-            if name not in valid:
-                raise SpeakeridError(f"unknown batch option {key!r}; valid: {', '.join(sorted(valid | set(ALIASES)))}")
-            resolved[name] = value
-        return cls(**resolved)
 
 
 # -------------------------------------------------------------------------------------- planning from the index

@@ -158,3 +158,29 @@ def scan_audio_tree(root: str | Path) -> list[ListEntry]:
 def speaker_of(relpath: str) -> str:
     """VoxCeleb layout: ``id10270/5r0dWxy17C8/00001.wav`` belongs to ``id10270``."""
     return re.split(r"[/\\]", relpath, maxsplit=1)[0]
+
+
+def pack_inputs(kind: str, root: str | Path, list_path: str | Path | None = None,
+                trials: list[str | Path] = ()) -> list[ListEntry]:
+    """The utterances ``shardify pack`` packs, chosen from its --kind, --list, --trials and --root.
+
+    train: the ``speaker relpath`` list, else every audio file under ``root``, its first folder the speaker;
+    otherwise: the trial lists' utterances (and the list's), else the list, else every audio file under ``root``.
+    """
+    if kind == "train":
+        if list_path:
+            return read_train_list(list_path)
+        entries = scan_audio_tree(root)  # VoxCeleb's layout: SPEAKER/VIDEO/UTT.ext, the speaker is the first folder
+        flat = [e.relpath for e in entries if "/" not in e.relpath]
+        if flat:
+            raise SpeakeridError(
+                f"{root}: {len(flat)} audio file(s) lie directly in --root (first: {flat[0]}), so their "
+                "speaker is unknown; put each speaker's audio under a folder named after the speaker, or give "
+                "--list with 'speaker relpath' lines")
+        return entries
+    if trials:
+        entries = entries_from_trials(trials) + (read_eval_list(list_path) if list_path else [])
+        return list({e.relpath: e for e in entries}.values())
+    if list_path:
+        return read_eval_list(list_path)
+    return scan_audio_tree(root)

@@ -14,7 +14,8 @@ from accelerate import Accelerator
 
 from speakerid.config import load_config
 from speakerid.runtime import exit_process
-from speakerid.data.batches import BatchConfig, train_loader
+from speakerid.data.batch_config import BatchConfig
+from speakerid.data.batches import train_loader
 from speakerid.data.shardset import ShardSet
 from speakerid.features import int16_to_float
 from speakerid.training import build_model_and_loss, training_step

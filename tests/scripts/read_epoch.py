@@ -6,7 +6,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from speakerid.data.batches import BatchConfig, train_loader
+from speakerid.data.batch_config import BatchConfig
+from speakerid.data.batches import train_loader
 from speakerid.runtime import exit_process
 from speakerid.data.shardset import ShardSet
 
