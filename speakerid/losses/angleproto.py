@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from speakerid.losses.base import SpeakerLoss, l2_normalise, mask_same_speaker, top1
-from speakerid.losses.distributed import gather_batch
+from speakerid.losses.base import ScaledCosineLoss, l2_normalise, mask_same_speaker, top1
 
 
 def angular_prototypical_logits(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
@@ -17,7 +16,7 @@ def angular_prototypical_logits(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     return w * (l2_normalise(query) @ l2_normalise(prototype).T) + b
 
 
-class AngleProto(SpeakerLoss):
+class AngleProto(ScaledCosineLoss):
     """Cross-entropy over the N×N scaled cosine matrix, each query's own prototype as the target.
 
     Query = utterance 0, prototype = mean of utterances 1..M−1; learnable ``w`` (init_w) and ``b`` (init_b).
@@ -26,19 +25,9 @@ class AngleProto(SpeakerLoss):
     """
 
     name = "angleproto"
-    min_utts_per_speaker = 2
-    test_normalize = True
-
-    def __init__(self, *, init_w: float = 10.0, init_b: float = -5.0, cross_rank_negatives: bool = False) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(init_w))
-        self.b = nn.Parameter(torch.tensor(init_b))
-        self.cross_rank_negatives = cross_rank_negatives
 
     def forward(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        x, labels = self.check_input(x, labels)
-        if self.cross_rank_negatives:
-            x, labels = gather_batch(x, labels)
+        x, labels = self.global_batch(x, labels)
         logits = mask_same_speaker(angular_prototypical_logits(x, self.w, self.b), labels)
         target = torch.arange(len(labels), device=x.device)
         return F.cross_entropy(logits, target), top1(logits, target)

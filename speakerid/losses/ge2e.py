@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from speakerid.losses.base import SpeakerLoss, l2_normalise, mask_same_speaker, top1
-from speakerid.losses.distributed import gather_batch
+from speakerid.losses.base import ScaledCosineLoss, l2_normalise, mask_same_speaker, top1
 
 
-class GE2E(SpeakerLoss):
+class GE2E(ScaledCosineLoss):
     """Cross-entropy over N·M rows of ``w · max(cos(x_im, c_j), 1e-6) + b``, target j = i.
 
     c_j is speaker j's centroid; for its own speaker an utterance uses the centroid without itself (eq. 8).
@@ -19,19 +18,9 @@ class GE2E(SpeakerLoss):
     """
 
     name = "ge2e"
-    min_utts_per_speaker = 2
-    test_normalize = True
-
-    def __init__(self, *, init_w: float = 10.0, init_b: float = -5.0, cross_rank_negatives: bool = False) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(init_w))
-        self.b = nn.Parameter(torch.tensor(init_b))
-        self.cross_rank_negatives = cross_rank_negatives
 
     def forward(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        x, labels = self.check_input(x, labels)
-        if self.cross_rank_negatives:
-            x, labels = gather_batch(x, labels)
+        x, labels = self.global_batch(x, labels)
         n, m, _ = x.shape
         centroids = x.mean(dim=1)                                   # (N, D)
         leave_one_out = (x.sum(dim=1, keepdim=True) - x) / (m - 1)  # (N, M, D): own centroid without x_im
