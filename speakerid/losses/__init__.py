@@ -7,6 +7,11 @@ detached 0-d tensor in percent (the seeds' convention), top-1 unless the class s
 Its parameters carry the seeds' names, so a voxceleb_trainer / masked-proxy ``__L__.*`` state_dict loads.
 Class attributes tell the rest of the toolkit what a loss needs: ``min_utts_per_speaker`` /
 ``max_utts_per_speaker`` (M), ``test_normalize`` (L2-normalise embeddings at test time).
+
+Where each idea lives: one file a loss family, named as in the seeds (softmax, amsoftmax, aamsoftmax, ge2e, proto,
+angleproto, softmaxproto, pairwise = triplet + contrastive, masked_proxy = mp/mmp and their balanced forms,
+proxyanchor, proxynca); ``base.py`` the contract, input checks and shared helpers (``ScaledCosineLoss``: the
+learnable w/b); ``distributed.py`` the cross-rank gather; the pairwise losses' EER is ``speakerid.metrics``'.
 """
 
 from __future__ import annotations
