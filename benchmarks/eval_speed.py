@@ -35,15 +35,13 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, matmul_flops_per_s, network_seconds, step_flops
 
-from common import machine, matmul_flops_per_s, network_seconds, step_flops  # noqa: E402
-
-from speakerid.data.synthetic import CorpusSpec, generate_corpus  # noqa: E402
-from speakerid.evaluation import ExtractConfig, evaluate  # noqa: E402
-from speakerid.inference import load_inference_checkpoint, save_inference_checkpoint  # noqa: E402
-from speakerid.models import build_model  # noqa: E402
+from speakerid.data.synthetic import CorpusSpec, generate_corpus
+from speakerid.evaluation import ExtractConfig, evaluate
+from speakerid.inference import load_inference_checkpoint, save_inference_checkpoint
+from speakerid.metrics import eer_from_roc
+from speakerid.models import build_model
 
 SPEAKERS = 40  # VoxCeleb1 test: 40 speakers, 4,874 utterances, 37,720 trials (veri_test.txt)
 
@@ -79,8 +77,6 @@ class TestDataset(torch.utils.data.Dataset):
 def baseline(model, trials_path: Path, root: Path, eval_frames: int = 400, num_eval: int = 10, workers: int = 1,
              test_normalize: bool = True, device: str = "cpu") -> tuple[float, np.ndarray, float]:
     """(EER %, scores, seconds spent scoring) the way voxceleb_trainer's evaluateFromList computes them."""
-    from sklearn.metrics import roc_curve
-
     model.to(device).eval()
     lines = open(trials_path).read().splitlines()
     files = sorted({name for line in lines for name in line.split()[-2:]})
@@ -101,10 +97,8 @@ def baseline(model, trials_path: Path, root: Path, eval_frames: int = 400, num_e
         dist = torch.cdist(ref_feat.reshape(num_eval, -1), com_feat.reshape(num_eval, -1)).detach().cpu().numpy()
         all_scores.append(-1 * np.mean(dist))
         all_labels.append(int(data[0]))
-    fpr, tpr, _ = roc_curve(all_labels, all_scores, pos_label=1)  # tuneThresholdfromScore
-    fnr = 1 - tpr
-    index = np.nanargmin(np.absolute(fnr - fpr))
-    return float(max(fpr[index], fnr[index]) * 100), np.array(all_scores), time.perf_counter() - scoring_started
+    eer = eer_from_roc(np.array(all_scores), np.array(all_labels))[0]  # tuneThresholdfromScore
+    return eer, np.array(all_scores), time.perf_counter() - scoring_started
 
 
 # --------------------------------------------------------------------------------------------- main

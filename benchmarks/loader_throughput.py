@@ -34,172 +34,28 @@ import json
 import math
 import os
 import pstats
-import random
 import shlex
 import shutil
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import soundfile
 import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from common import cat_seconds, machine, pack_shards, page_cache_seconds, seed_loader, shutdown, train_corpus
+from loader_memory import (MB, children, idle_worker_rss, mean_member_bytes, memory_model, proc_status, replay_peaks,
+                           wait_children_gone)
 
-from common import cat_seconds, machine, page_cache_seconds  # noqa: E402
-
-from speakerid.data.batch_config import BatchConfig  # noqa: E402
-from speakerid.data.batches import train_loader  # noqa: E402
-from speakerid.data.lists import read_train_list  # noqa: E402
-from speakerid.data.plan import PackConfig, make_plan  # noqa: E402
-from speakerid.data.shardset import ShardSet  # noqa: E402
-from speakerid.data.synthetic import CorpusSpec, generate_corpus  # noqa: E402
-from speakerid.data.writer import pack  # noqa: E402
-
-MB = 1e6
-
-
-# ------------------------------------------------------------------------------------------------ baseline
-
-
-def round_down(value: int, divisor: int) -> int:
-    return value - value % divisor
-
-
-def load_crop(path: str, crop_samples: int) -> np.ndarray:
-    """voxceleb_trainer's training read: the whole file as float64, wrap-padded to L+1 if short, one random crop."""
-    audio, _ = soundfile.read(path)
-    if len(audio) <= crop_samples:
-        audio = np.pad(audio, (0, crop_samples + 1 - len(audio)), mode="wrap")
-    start = int(random.random() * (len(audio) - crop_samples))
-    return np.stack([audio[start:start + crop_samples]], axis=0).astype(np.float64)  # (1, L) float64
-
-
-class FilePerUtterance(torch.utils.data.Dataset):
-    """Item = a speaker tuple of M file indices → (float32 (M, L), label)."""
-
-    def __init__(self, paths: list[str], labels: list[int], crop_samples: int) -> None:
-        self.paths, self.data_label, self.crop_samples = paths, labels, crop_samples
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, indices: list[int]):
-        feat = np.concatenate([load_crop(self.paths[i], self.crop_samples) for i in indices], axis=0)
-        return torch.FloatTensor(feat), self.data_label[indices[0]]
-
-
-class SpeakerTupleSampler(torch.utils.data.Sampler):
-    """The seed's train_dataset_sampler, single rank."""
-
-    def __init__(self, labels: list[int], m: int, max_seg_per_spk: int, batch_size: int, seed: int = 0) -> None:
-        self.labels, self.m, self.max_seg, self.batch_size, self.seed, self.epoch = labels, m, max_seg_per_spk, batch_size, seed, 0
-        self.num_samples = len(self._tuples())
-
-    def _tuples(self) -> list[list[int]]:
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        by_speaker: dict[int, list[int]] = {}
-        for index in torch.randperm(len(self.labels), generator=g).tolist():
-            by_speaker.setdefault(self.labels[index], []).append(index)
-        tuples, tuple_labels = [], []
-        for label in sorted(by_speaker):
-            files = by_speaker[label]
-            used = round_down(min(len(files), self.max_seg), self.m)
-            for start in range(0, used, self.m):
-                tuples.append(files[start:start + self.m])
-                tuple_labels.append(label)
-        kept_labels: list[int] = []
-        kept: list[list[int]] = []
-        for i in torch.randperm(len(tuples), generator=g).tolist():
-            batch_start = round_down(len(kept_labels), self.batch_size)
-            if tuple_labels[i] not in kept_labels[batch_start:]:  # one tuple per speaker in a batch
-                kept_labels.append(tuple_labels[i])
-                kept.append(tuples[i])
-        return kept[:round_down(len(kept), self.batch_size)]
-
-    def __iter__(self):
-        tuples = self._tuples()
-        self.num_samples = len(tuples)
-        return iter(tuples)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-def seed_worker(worker_id: int) -> None:
-    np.random.seed(np.random.get_state()[1][0] + worker_id)
-
-
-def baseline_loader(paths: list[str], labels: list[int], config: BatchConfig, workers: int):
-    dataset = FilePerUtterance(paths, labels, config.crop_samples)
-    sampler = SpeakerTupleSampler(labels, config.utts_per_speaker, config.max_seg_per_spk, config.n_speakers,
-                                  config.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.n_speakers, num_workers=workers, sampler=sampler,
-                                         pin_memory=False, worker_init_fn=seed_worker, drop_last=True)
-    return loader, len(sampler) // config.n_speakers
+from speakerid.data.batch_config import BatchConfig
+from speakerid.data.batches import train_loader
+from speakerid.data.shardset import ShardSet
 
 
 # ------------------------------------------------------------------------------------------ measurements
-
-
-def children() -> list[int]:
-    """PIDs of this process's children (the DataLoader workers while a loader is live)."""
-    me, found = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == me:
-                found.append(int(entry))
-    return found
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmHWM, VmRSS, RssAnon, RssShmem of a process, in bytes."""
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                out[key] = int(value.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def wait_children_gone(timeout: float = 30.0) -> None:
-    end = time.time() + timeout
-    while children() and time.time() < end:
-        time.sleep(0.05)
-
-
-class _Idle(torch.utils.data.Dataset):
-    def __len__(self) -> int:
-        return 64
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
-def idle_worker_rss(workers: int) -> float:
-    """VmHWM of a worker of an empty DataLoader forked from this process now: every worker's floor."""
-    gc.collect()
-    loader = torch.utils.data.DataLoader(_Idle(), batch_size=1, num_workers=workers)
-    it = iter(loader)
-    next(it)
-    hwm = max(proc_status(pid).get("VmHWM", 0) for pid in children())
-    del it, loader
-    gc.collect()
-    wait_children_gone()
-    return hwm
 
 
 def time_epoch(loader, n_batches: int, workers: int, check) -> dict:
@@ -217,8 +73,8 @@ def time_epoch(loader, n_batches: int, workers: int, check) -> dict:
         del batch
     seconds = time.perf_counter() - start
     statuses = [proc_status(pid) for pid in children()] if workers else []
-    if workers and hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()
+    if workers:
+        shutdown(it)
     del it
     gc.collect()
     wait_children_gone()
@@ -256,78 +112,6 @@ def check_baseline(config: BatchConfig):
     return check
 
 
-def mean_member_bytes(shard_dir: Path, names: list[str], ext: str) -> float:
-    """Mean size of the audio members (headers only are read)."""
-    sizes = []
-    for name in names:
-        with tarfile.open(shard_dir / name, "r:") as tar:
-            sizes.extend(m.size for m in tar.getmembers() if m.name.endswith("." + ext))
-    return float(np.mean(sizes))
-
-
-def replay_peaks(shards: ShardSet, config: BatchConfig, workers: int, n_batches: int) -> dict:
-    """Largest pool (tuples) and partial-tuple count (utterances) of the row's worker streams over the epoch.
-
-    Each worker's stream is replayed in this process without decoding (``batches(skip=…)`` makes the same
-    draws), with Pool.add and group_tuples wrapped to record their sizes; restored afterwards.
-    """
-    from speakerid.data import batches as module
-
-    peaks = {"pool": 0, "partials": 0}
-    stock_add, stock_group = module.Pool.add, module.group_tuples
-
-    def add(self, t) -> None:
-        stock_add(self, t)
-        peaks["pool"] = max(peaks["pool"], self.size)
-
-    def group(utterances, m):
-        state = {"in": 0, "out": 0}
-
-        def counted():
-            for utt in utterances:
-                state["in"] += 1
-                peaks["partials"] = max(peaks["partials"], state["in"] - m * state["out"])
-                yield utt
-
-        for t in stock_group(counted(), m):
-            state["out"] += 1
-            yield t
-
-    module.Pool.add, module.group_tuples = add, group
-    try:
-        streams = max(1, workers)
-        for stream in range(streams):
-            next(module.TrainStream(shards, config, stream, streams).batches(skip=math.ceil(n_batches / streams) + 1))
-    finally:
-        module.Pool.add, module.group_tuples = stock_add, stock_group
-    return peaks
-
-
-BATCH_BUFFERS = 3  # crops being filled + the previous batch + its shared-memory copy made by the queue's feeder thread
-
-
-def memory_model(config: BatchConfig, encoding: str, member_bytes: float, idle_mb: float, peaks: dict) -> dict:
-    """speakerid's resident bytes per worker, from batches.py's data structures.
-
-      idle      a worker before it reads anything (interpreter, torch, numpy; measured)
-      pool      P tuples × M utterances: P ≥ ⌈pool_factor·N⌉, and more while the pool holds < N distinct speakers
-      partials  Q utterances waiting in group_tuples for the rest of their M-tuple
-      payload   p = 2·L bytes (wav: the int16 crop is cut when parsed) | b̄ (flac: the whole member until emission)
-      batches   3 × N·M·2L (see BATCH_BUFFERS; measured with a worker that only yields ready batches)
-    """
-    n, m, length = config.n_speakers, config.utts_per_speaker, config.crop_samples
-    payload = 2 * length if encoding == "wav" else member_bytes
-    pool = peaks["pool"] * m * payload
-    design_pool = math.ceil(config.pool_factor * n) * m * payload
-    partials = peaks["partials"] * payload
-    batches = BATCH_BUFFERS * n * m * 2 * length
-    total = idle_mb * MB + pool + partials + batches
-    return {"payload_bytes": payload, "pool_tuples": peaks["pool"], "partial_utts": peaks["partials"],
-            "pool_mb": pool / MB, "design_pool_mb": design_pool / MB, "partials_mb": partials / MB,
-            "batches_mb": batches / MB, "idle_mb": idle_mb, "estimate_mb": total / MB,
-            "design_estimate_mb": (total - pool + design_pool) / MB}
-
-
 class _ReadyBatches(torch.utils.data.IterableDataset):
     """A worker that only copies a ready (N, M, L) batch and sends it: the DataLoader's own cost."""
 
@@ -351,8 +135,7 @@ def transport_ceiling(config: BatchConfig, workers: int, dtype, batches: int = 6
         batch = next(it)
         del batch
     seconds = time.perf_counter() - start
-    if hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()
+    shutdown(it)
     del it, loader
     gc.collect()
     wait_children_gone()
@@ -439,31 +222,20 @@ def main() -> None:
     about_machine = machine()
 
     scratch = Path(tempfile.mkdtemp(prefix="loader-bench-"))
-    root = args.corpus or scratch / "corpus"
-    cores = os.cpu_count() or 1
-    spec = CorpusSpec(n_speakers=args.speakers, utts_per_speaker=args.utts, n_test_speakers=0, n_trials=0,
-                      min_seconds=args.min_seconds, max_seconds=args.max_seconds)
     t = time.perf_counter()
     with console.status("generating the synthetic corpus …"):
-        corpus = generate_corpus(root, spec, workers=cores)
+        corpus = train_corpus(args.corpus or scratch / "corpus", args.speakers, args.utts,
+                              min_seconds=args.min_seconds, max_seconds=args.max_seconds)
     prep = {"corpus_s": time.perf_counter() - t}
-    entries = read_train_list(corpus.train_list)
-    inputs = [corpus.root / e.relpath for e in entries]
-    speakers = sorted({e.spk for e in entries})
-    label_of = {spk: i for i, spk in enumerate(speakers)}
-    paths, labels = [str(p) for p in inputs], [label_of[e.spk] for e in entries]
+    inputs, n_speakers = corpus.inputs, corpus.n_speakers
     config = BatchConfig(n_speakers=args.n_speakers, utts_per_speaker=args.utts_per_speaker, max_frames=args.max_frames)
 
     shard_sets, member_bytes = {}, {}
     for encoding in args.encodings:
         t = time.perf_counter()
-        out = root / f"shards-{encoding}-c{args.chunk_size}-{args.shard_mb}mb"
         with console.status(f"packing {encoding} shards …"):
-            plan = make_plan(entries, corpus.root, PackConfig(encoding=encoding, chunk_size=args.chunk_size,
-                                                              shard_size=args.shard_mb * 1024**2))
-            pack(plan, corpus.root, out, workers=cores)
-        shard_sets[encoding] = ShardSet.open(out)
-        member_bytes[encoding] = mean_member_bytes(out, plan.names, encoding)
+            shard_sets[encoding] = ShardSet.open(pack_shards(corpus, encoding, args.chunk_size, args.shard_mb))
+        member_bytes[encoding] = mean_member_bytes([Path(u) for u in shard_sets[encoding].urls], encoding)
         prep[f"pack_{encoding}_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -492,7 +264,10 @@ def main() -> None:
                     n_sid = loader.dataset.batches_per_epoch
                     sid_runs.append(time_epoch(loader, n_sid, workers, check_speakerid(config)))
                     del loader
-                    base_loader, n_base = baseline_loader(paths, labels, config, workers)
+                    base_loader, sampler = seed_loader(corpus.paths, corpus.labels, config.crop_samples,
+                                                       config.n_speakers, config.utts_per_speaker,
+                                                       config.max_seg_per_spk, config.seed, workers)
+                    n_base = len(sampler) // config.n_speakers
                     base_runs.append(time_epoch(base_loader, n_base, workers, check_baseline(config)))
                     del base_loader
             sid, base = best(sid_runs), best(base_runs)
@@ -514,8 +289,8 @@ def main() -> None:
                                              r["peaks"])
 
     title = (f"loader throughput, one epoch: N={config.n_speakers} × M={config.utts_per_speaker} crops of "
-             f"{config.crop_samples} samples; {len(entries)} utterances of {len(speakers)} speakers, "
-             f"{input_mb:.0f} MB of wav, {corpus.train_hours:.1f} h (page cache warm; best of {args.repeats})")
+             f"{config.crop_samples} samples; {len(inputs)} utterances of {n_speakers} speakers, "
+             f"{input_mb:.0f} MB of wav, {corpus.info.train_hours:.1f} h (page cache warm; best of {args.repeats})")
     table = Table(title=title)
     for column in ("encoding", "workers", "batches sid/base", "speakerid crops/s", "baseline crops/s", "ratio",
                    "ratio after 1st batch", "1st batch s sid/base", "peak RSS/worker sid", "formula sid",
@@ -572,8 +347,8 @@ def main() -> None:
             "command": command, "date": started.isoformat(timespec="seconds"), "machine": about_machine,
             "config": {"n_speakers": config.n_speakers, "utts_per_speaker": config.utts_per_speaker,
                        "crop_samples": config.crop_samples, "pool_factor": config.pool_factor,
-                       "open_shards": config.open_shards, "speakers": len(speakers), "utterances": len(entries),
-                       "input_mb": input_mb, "hours": corpus.train_hours, "repeats": args.repeats},
+                       "open_shards": config.open_shards, "speakers": n_speakers, "utterances": len(inputs),
+                       "input_mb": input_mb, "hours": corpus.info.train_hours, "repeats": args.repeats},
             "preparation_s": prep, "transport_ceiling_crops_per_s": ceilings, "rows": rows, "profiles": profiles,
         }, indent=1))
     shutil.rmtree(scratch, ignore_errors=True)  # a --corpus given by the user lies outside it and is kept

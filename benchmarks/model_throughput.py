@@ -23,12 +23,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, matmul_flops_per_s, network_seconds, step_flops
 
-from common import machine, matmul_flops_per_s, network_seconds, step_flops  # noqa: E402
-
-from speakerid.models import build_model, summary  # noqa: E402
+from speakerid.models import build_model, summary
 
 CROP_SAMPLES = 200 * 160 + 240  # max_frames 200 → 32,240 samples (2.015 s)
 SAMPLE_RATE = 16000

@@ -33,10 +33,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from common import machine
 
-from common import machine  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 
 @dataclass

@@ -23,15 +23,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, page_cache_seconds, train_corpus
 
-from common import machine, page_cache_seconds  # noqa: E402
-
-from speakerid.data.lists import read_train_list  # noqa: E402
-from speakerid.data.plan import PackConfig, make_plan  # noqa: E402
-from speakerid.data.synthetic import CorpusSpec, generate_corpus  # noqa: E402
-from speakerid.data.writer import pack  # noqa: E402
+from speakerid.data.plan import PackConfig, make_plan
+from speakerid.data.writer import pack
 
 
 def naive_pack(entries, root: Path, out: Path, encoding: str, shard_bytes: int) -> float:
@@ -70,11 +65,9 @@ def main() -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="shardify-bench-"))
     corpus_dir = args.corpus or scratch / "corpus"
-    spec = CorpusSpec(n_speakers=args.speakers, utts_per_speaker=args.utts, n_test_speakers=0, n_trials=0)
     with console.status("generating the synthetic corpus …"):
-        corpus = generate_corpus(corpus_dir, spec, workers=os.cpu_count() or 1)
-    entries = read_train_list(corpus.train_list)
-    inputs = [corpus.root / e.relpath for e in entries]
+        corpus = train_corpus(corpus_dir, args.speakers, args.utts)
+    entries, inputs = corpus.entries, corpus.inputs
     input_mb = sum(p.stat().st_size for p in inputs) / 1e6
     cat_in = page_cache_seconds(inputs)  # and the cache is warm: every figure below reads from memory
 
@@ -82,7 +75,7 @@ def main() -> None:
     baselines = {}
     for encoding in args.encodings:
         out = scratch / f"baseline-{encoding}"
-        baselines[encoding] = input_mb / naive_pack(entries, corpus.root, out, encoding, shard_bytes)
+        baselines[encoding] = input_mb / naive_pack(entries, corpus.info.root, out, encoding, shard_bytes)
         shutil.rmtree(out)
 
     rows = []
@@ -90,8 +83,8 @@ def main() -> None:
         for workers in args.workers:
             out = scratch / f"{encoding}-{workers}"
             start = time.perf_counter()
-            plan = make_plan(entries, corpus.root, PackConfig(encoding=encoding, shard_size=shard_bytes))
-            report = pack(plan, corpus.root, out, workers=workers)
+            plan = make_plan(entries, corpus.info.root, PackConfig(encoding=encoding, shard_size=shard_bytes))
+            report = pack(plan, corpus.info.root, out, workers=workers)
             seconds = time.perf_counter() - start
             shards = [out / name for name in plan.names]
             cat_out = page_cache_seconds(shards)
@@ -104,7 +97,7 @@ def main() -> None:
             shutil.rmtree(out)
 
     table = Table(title=f"shardify throughput: {len(entries)} utterances, {input_mb:.0f} MB of 16 kHz wav, "
-                        f"{corpus.hours:.2f} h (page cache warm)")
+                        f"{corpus.info.hours:.2f} h (page cache warm)")
     for column in ("encoding", "workers", "MB/s in", "utt/s", "baseline MB/s", "vs baseline", "vs cat inputs",
                    "out MB", "cat inputs MB/s", "cat shards MB/s"):
         table.add_column(column, justify="right")
@@ -120,7 +113,7 @@ def main() -> None:
     console.print("baseline: webdataset ShardWriter, one process, files in list order")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "cores": os.cpu_count(), "machine": about, "command": command,
-                                         "hours": corpus.hours}, indent=1))
+                                         "hours": corpus.info.hours}, indent=1))
     shutil.rmtree(scratch, ignore_errors=True)  # a --corpus given by the user lies outside it and is kept
 
 

@@ -36,7 +36,8 @@ A GPU machine without webdataset/soundfile (it cannot reach PyPI): on a machine 
 ``pip download webdataset braceexpand soundfile -d wheels --only-binary=:all: --python-version 3.X
 --platform manylinux2014_x86_64`` (also fetches their dependencies: cffi, pycparser, pyyaml, numpy; soundfile's
 manylinux wheel bundles libsndfile), carry ``wheels/``, then ``pip install --no-index --find-links wheels
-webdataset braceexpand soundfile``. scipy, accelerate and rich are needed too (same way if missing).
+webdataset braceexpand soundfile``. scipy, accelerate and rich are needed too (same way if missing); run from the
+checkout with ``PYTHONPATH=.`` (speakerid is not installed there).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ import gc
 import glob
 import json
 import os
-import random
 import shlex
 import shutil
 import sys
@@ -56,29 +56,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import soundfile
 import torch
 from rich.console import Console
 from rich.table import Table
-from scipy import signal
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the loader benchmark's baseline pieces
+from common import (SeedAugment, cat_seconds, machine, matmul_flops_per_s, network_seconds, pack_banks,
+                    pack_shards, seed_loader, shutdown, step_flops, train_corpus, write_banks)
 
-from common import cat_seconds, machine, matmul_flops_per_s, network_seconds, step_flops  # noqa: E402
-from loader_throughput import SpeakerTupleSampler, load_crop, seed_worker  # noqa: E402
+from speakerid.config import load_config
+from speakerid.data.batches import train_loader
+from speakerid.data.shardset import ShardSet
+from speakerid.training import (build_augmenter, build_model_and_loss, build_optimizer, resolve_mixed_precision,
+                                training_step)
 
-from speakerid.config import load_config  # noqa: E402
-from speakerid.data.batches import train_loader  # noqa: E402
-from speakerid.data.lists import read_train_list, scan_audio_tree  # noqa: E402
-from speakerid.data.plan import PackConfig, make_plan  # noqa: E402
-from speakerid.data.shardset import ShardSet  # noqa: E402
-from speakerid.data.synthetic import CorpusSpec, generate_corpus, speaker_params, synthesize_utterance  # noqa: E402
-from speakerid.data.writer import pack  # noqa: E402
-from speakerid.training import (build_augmenter, build_model_and_loss, build_optimizer,  # noqa: E402
-                                resolve_mixed_precision, training_step)
-
-SAMPLE_RATE = 16000
 # per device: batch N, loader workers, timed and warm-up steps, corpus size (one baseline epoch ≥ warm-up + steps)
 DEFAULTS = {
     "cpu": {"n_speakers": 16, "workers": 2, "steps": 15, "warmup": 3, "corpus_speakers": 48, "corpus_utts": 24},
@@ -86,125 +76,7 @@ DEFAULTS = {
 }
 
 
-# ------------------------------------------------------------------------------------ augmentation banks
-
-
-def write_banks(root: Path, files_per_category: int = 32, rirs_per_room: int = 16, seed: int = 0) -> tuple[Path, Path]:
-    """A small MUSAN-like bank and an RIR bank as wav files, laid out as the seed globs them.
-
-    musan/<category>/<source>/<file>/<segment>.wav (the seed's musan_split: '*/*/*/*.wav', category = 4th from
-    the end; shardify's noise kind: category = first component), 5-s segments: coloured noise, babble-like
-    speech (the synthetic corpus's source-filter voices, other speakers), music (chords of harmonic notes).
-    rirs/<room>/<RoomNNN>/<RoomNNN-NNNNN>.wav (simulated_rirs: '*/*/*.wav'): exponentially decaying noise after
-    a direct path, 0.25 / 0.5 / 1 s for small / medium / large rooms.
-    """
-    musan, rirs = root / "musan", root / "rirs"
-    done = root / ".complete"
-    if done.exists():
-        return musan, rirs
-    shutil.rmtree(root, ignore_errors=True)
-    rng = np.random.default_rng([seed, 31])
-    n = 5 * SAMPLE_RATE
-    t = np.arange(n) / SAMPLE_RATE
-
-    def write(path: Path, x: np.ndarray) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        soundfile.write(str(path), x, SAMPLE_RATE, subtype="PCM_16")
-
-    def to_int16(x: np.ndarray, peak: float) -> np.ndarray:
-        return np.round(x / (np.abs(x).max() + 1e-9) * peak * 32767).astype(np.int16)
-
-    for i in range(files_per_category):
-        pole = rng.uniform(0.0, 0.97)
-        noise = signal.lfilter([1.0 - pole], [1.0, -pole], rng.standard_normal(n))
-        write(musan / "noise" / "free-sound" / f"noise-free-sound-{i:04d}" / "00000.wav",
-              to_int16(noise, rng.uniform(0.2, 0.8)))
-        speech = synthesize_utterance(speaker_params(seed, 9000 + i), [seed, 9000 + i], 5.0)
-        write(musan / "speech" / "librivox" / f"speech-librivox-{i:04d}" / "00000.wav", speech)
-        music = np.zeros(n)
-        for start in np.arange(0.0, 5.0, rng.uniform(0.25, 0.6)):
-            f0 = 110.0 * 2 ** (rng.integers(0, 36) / 12)
-            note = (t >= start) * np.exp(-3.0 * np.clip(t - start, 0, None))
-            music += sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 6)) * note
-        write(musan / "music" / "fma" / f"music-fma-{i:04d}" / "00000.wav", to_int16(music, rng.uniform(0.2, 0.8)))
-    for room, seconds in (("smallroom", 0.25), ("mediumroom", 0.5), ("largeroom", 1.0)):
-        for j in range(rirs_per_room):
-            length = int(seconds * SAMPLE_RATE)
-            rir = rng.standard_normal(length) * np.exp(-np.arange(length) / (length / 6))
-            rir[0] = 5.0  # the direct path
-            write(rirs / room / f"Room{j:03d}" / f"Room{j:03d}-{j:05d}.wav", to_int16(rir, 0.9))
-    done.write_text("")
-    return musan, rirs
-
-
-def pack_tree(src: Path, out: Path, encoding: str, workers: int) -> Path:
-    """shardify's library API: pack --kind noise --root SRC --out OUT (resumes / keeps finished shards)."""
-    plan = make_plan(scan_audio_tree(src), src, PackConfig(kind="noise", encoding=encoding, max_utts=16))
-    pack(plan, src, out, workers=workers)
-    return out
-
-
 # ---------------------------------------------------------------------------------- the baseline loop
-
-
-class SeedAugment:
-    """voxceleb_trainer's AugmentWAV, per utterance on the CPU, float64, files read from disk on every use."""
-
-    SNR = {"noise": (0.0, 15.0), "speech": (13.0, 20.0), "music": (5.0, 15.0)}
-    CLIPS = {"noise": (1, 1), "speech": (3, 7), "music": (1, 1)}
-
-    def __init__(self, musan_root: Path, rir_root: Path, crop_samples: int) -> None:
-        self.crop_samples = crop_samples
-        self.files: dict[str, list[str]] = {}
-        for path in sorted(glob.glob(os.path.join(musan_root, "*/*/*/*.wav"))):
-            self.files.setdefault(path.split("/")[-4], []).append(path)
-        self.rirs = sorted(glob.glob(os.path.join(rir_root, "*/*/*.wav")))
-
-    @staticmethod
-    def level_db(x: np.ndarray) -> float:
-        return 10 * np.log10(np.mean(x**2) + 1e-4)
-
-    def additive_noise(self, category: str, audio: np.ndarray) -> np.ndarray:
-        """audio (1, L): k distinct files of the category, each cropped, at its own SNR, summed and added."""
-        clean_db = self.level_db(audio)
-        chosen = random.sample(self.files[category], random.randint(*self.CLIPS[category]))
-        mixed = np.zeros_like(audio)
-        for path in chosen:
-            clip = load_crop(path, self.crop_samples)
-            snr = random.uniform(*self.SNR[category])
-            mixed += np.sqrt(10 ** ((clean_db - self.level_db(clip[0]) - snr) / 10)) * clip
-        return mixed + audio
-
-    def reverberate(self, audio: np.ndarray) -> np.ndarray:
-        rir, _ = soundfile.read(random.choice(self.rirs))
-        rir = rir[np.newaxis].astype(np.float64)
-        rir = rir / np.sqrt(np.sum(rir**2))
-        return signal.convolve(audio, rir, mode="full")[:, : self.crop_samples]
-
-    def __call__(self, audio: np.ndarray) -> np.ndarray:
-        kind = random.randint(0, 4)  # 0 clean, 1 reverb, 2 music, 3 speech, 4 noise
-        if kind == 1:
-            return self.reverberate(audio)
-        if kind:
-            return self.additive_noise(("music", "speech", "noise")[kind - 2], audio)
-        return audio
-
-
-class SeedTrainSet(torch.utils.data.Dataset):
-    """Item = a speaker tuple of M file indices → (float32 (M, L), label), augmented per utterance."""
-
-    def __init__(self, paths: list[str], labels: list[int], crop_samples: int, augment: SeedAugment | None) -> None:
-        self.paths, self.data_label, self.crop_samples, self.augment = paths, labels, crop_samples, augment
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, indices: list[int]):
-        feats = []
-        for i in indices:
-            audio = load_crop(self.paths[i], self.crop_samples)
-            feats.append(self.augment(audio) if self.augment else audio)
-        return torch.FloatTensor(np.concatenate(feats, axis=0)), self.data_label[indices[0]]
 
 
 class EndlessEpochs:
@@ -225,11 +97,6 @@ class EndlessEpochs:
 
     def close(self) -> None:
         shutdown(self.it)
-
-
-def shutdown(it) -> None:
-    if hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -305,10 +172,8 @@ def run_baseline(args, device: torch.device, paths, labels, augment: bool, banks
     optimizer = build_optimizer(config, list(model.parameters()) + list(loss.parameters()))
     amp = device.type == "cuda"  # the seed's --mixedprec: torch.autocast("cuda") fp16 + GradScaler
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    dataset = SeedTrainSet(paths, labels, crop, SeedAugment(*banks, crop) if augment else None)
-    sampler = SpeakerTupleSampler(labels, m, 500, n, args.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=n, num_workers=args.workers, sampler=sampler,
-                                         pin_memory=False, worker_init_fn=seed_worker, drop_last=True)
+    loader, sampler = seed_loader(paths, labels, crop, n, m, 500, args.seed, args.workers,
+                                  SeedAugment(*banks, crop) if augment else None)
     per_epoch = len(sampler) // n
     batches = EndlessEpochs(loader, sampler)
 
@@ -382,32 +247,24 @@ def main() -> None:
     about_machine = machine()
     if args.device == "cuda":
         about_machine += f"; {torch.cuda.get_device_name(0)}"
-    cores = os.cpu_count() or 1
 
     # ---- data: corpus, wav shards, noise and RIR banks (as shards for speakerid, as files for the baseline)
     scratch = Path(tempfile.mkdtemp(prefix="train-bench-"))
     root = args.corpus or scratch / "corpus"
     prep = {}
     t = time.perf_counter()
-    spec = CorpusSpec(n_speakers=args.corpus_speakers, utts_per_speaker=args.corpus_utts, n_test_speakers=0, n_trials=0,
-                      min_seconds=args.min_seconds, max_seconds=args.max_seconds)
     with console.status("generating the synthetic corpus …"):
-        corpus = generate_corpus(root, spec, workers=cores)
+        corpus = train_corpus(root, args.corpus_speakers, args.corpus_utts, min_seconds=args.min_seconds,
+                              max_seconds=args.max_seconds)
     prep["corpus_s"] = time.perf_counter() - t
-    entries = read_train_list(corpus.train_list)
-    inputs = [corpus.root / e.relpath for e in entries]
-    label_of = {spk: i for i, spk in enumerate(sorted({e.spk for e in entries}))}
-    paths, labels = [str(p) for p in inputs], [label_of[e.spk] for e in entries]
+    inputs, n_speakers = corpus.inputs, corpus.n_speakers
     t = time.perf_counter()
     with console.status("packing wav shards and the augmentation banks …"):
-        shard_dir = root / f"shards-wav-c{args.chunk_size}-{args.shard_mb}mb"
-        pack(make_plan(entries, corpus.root, PackConfig(encoding="wav", chunk_size=args.chunk_size,
-                                                        shard_size=args.shard_mb * 1024**2)), corpus.root, shard_dir,
-             workers=cores)
+        shard_dir = pack_shards(corpus, "wav", args.chunk_size, args.shard_mb)
         shards = ShardSet.open(shard_dir)
         musan_files, rir_files = write_banks(root / "banks", seed=args.seed)
-        bank_shards = (pack_tree(musan_files, root / "banks-shards" / "musan", "wav", cores),
-                       pack_tree(rir_files, root / "banks-shards" / "rirs", "wav", cores))
+        bank_shards = (pack_banks(musan_files, root / "banks-shards" / "musan"),
+                       pack_banks(rir_files, root / "banks-shards" / "rirs"))
     prep["pack_s"] = time.perf_counter() - t
     t = time.perf_counter()
     bank_files = [Path(p) for p in glob.glob(str(root / "banks" / "**" / "*.wav"), recursive=True)]
@@ -430,8 +287,8 @@ def main() -> None:
             with console.status(f"speakerid, augmentation {'on' if augment else 'off'}, run {repeat + 1} …"):
                 runs["speakerid"].append(run_speakerid(args, accelerator, shards, augment, bank_shards))
             with console.status(f"baseline, augmentation {'on' if augment else 'off'}, run {repeat + 1} …"):
-                runs["baseline"].append(run_baseline(args, device, paths, labels, augment, (musan_files, rir_files),
-                                                     shard_dir))
+                runs["baseline"].append(run_baseline(args, device, corpus.paths, corpus.labels, augment,
+                                                     (musan_files, rir_files), shard_dir))
         for side in runs.values():
             for r in side:
                 r["utterances_per_s"] = utts / r["seconds"]
@@ -450,7 +307,7 @@ def main() -> None:
     batch_size = args.n_speakers * args.utts_per_speaker
     with console.status("the network alone, counted FLOPs and the matmul rate …"):
         torch.manual_seed(args.seed)
-        probe, _ = build_model_and_loss(config_for(args, shard_dir, False, None), n_classes=len(label_of))
+        probe, _ = build_model_and_loss(config_for(args, shard_dir, False, None), n_classes=n_speakers)
         probe = probe.to(device).train()
         flops_per_utt = step_flops(probe, torch.randn(2, crop, device=device)) / 2
         batch = 0.1 * torch.randn(batch_size, crop, device=device)
@@ -485,7 +342,7 @@ def main() -> None:
                           f"{r['median_ratio']:.2f}×" if name == "speakerid" else "")
     console.print(table)
     console.print(
-        f"corpus: {len(entries)} utterances of {len(label_of)} speakers, {corpus.train_hours:.1f} h, wav shards "
+        f"corpus: {len(inputs)} utterances of {n_speakers} speakers, {corpus.info.train_hours:.1f} h, wav shards "
         f"({len(shards)}, chunk {args.chunk_size}); banks: {len(bank_files)} wav files (MUSAN-like noise/speech/music, "
         f"RIRs), packed as noise shards for speakerid, read as files by the baseline. data-wait = time blocked in "
         "next(loader) ÷ step time; utterances/s and the ratio from the summed step times, the ratio of medians "
@@ -521,7 +378,7 @@ def main() -> None:
         args.json.write_text(json.dumps({
             "command": command, "date": started.isoformat(timespec="seconds"), "machine": about_machine,
             "config": {k: v for k, v in vars(args).items() if k != "json" and not isinstance(v, Path)}
-            | {"crop_samples": crop, "utterances": len(entries), "speakers": len(label_of), "hours": corpus.train_hours,
+            | {"crop_samples": crop, "utterances": len(inputs), "speakers": n_speakers, "hours": corpus.info.train_hours,
                "shards": len(shards)},
             "preparation_s": prep, "rows": rows, "limit": limit,
         }, indent=1, default=str))

@@ -19,8 +19,10 @@ gives the same EER and minDCF here as there:
   of the last rejected trial, i.e. the point accepts scores *strictly above* it (when it is not tied).
 
 ``actual_dcf`` accepts scores ≥ its threshold, like the EER threshold; at ``np.nextafter(t, np.inf)`` for
-a minDCF threshold ``t`` on untied scores it reproduces minDCF. All functions take numpy arrays, lists or
-torch tensors; bad input raises :class:`SpeakeridError`.
+a minDCF threshold ``t`` on untied scores it reproduces minDCF. The DET curve is sklearn's full ROC curve.
+The public functions take numpy arrays, lists or torch tensors; bad input raises :class:`SpeakeridError`.
+``eer_from_roc`` is the EER without those checks, for code that builds its own arrays (the pairwise losses'
+pair EER, which the seed computes with the same call).
 """
 
 from __future__ import annotations
@@ -108,54 +110,33 @@ def check_trials(scores, labels, what: str = "the metric") -> tuple[np.ndarray, 
 # ------------------------------------------------------------------------------------------------- the curves
 
 
-def _sort(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and labels in stable ascending score order (the seed's ``sorted(…, key=score)``)."""
-    order = np.argsort(s, kind="stable")
-    return s[order], y[order]
+def eer_from_roc(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """The seed's ``tuneThresholdfromScore`` on arrays as they are (sklearn checks them: NaN raises ValueError).
 
-
-def _roc_points(s_asc: np.ndarray, y_asc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cumulative false and true positives when accepting scores ≥ each distinct score, thresholds descending.
-
-    The counts at the end of a block of tied scores do not depend on the order inside the block, so the
-    ascending order reversed serves as sklearn's descending one.
+    (EER in percent, its threshold); :func:`eer` is the same after :func:`check_trials`.
     """
-    s_desc, y_desc = s_asc[::-1], y_asc[::-1]
-    last_of_each = np.r_[np.flatnonzero(np.diff(s_desc)), len(s_desc) - 1]
-    tps = np.cumsum(y_desc, dtype=np.float64)[last_of_each]
-    fps = 1.0 + last_of_each.astype(np.float64) - tps
-    return fps, tps, s_desc[last_of_each]
+    from sklearn.metrics import roc_curve  # on first use: importing sklearn costs seconds of start-up
 
-
-def _seed_roc(s_asc: np.ndarray, y_asc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fpr, fnr, thresholds) exactly as sklearn's roc_curve with its defaults, fnr = 1 − tpr."""
-    fps, tps, thresholds = _roc_points(s_asc, y_asc)
-    if len(fps) > 2:  # drop_intermediate: keep a point only where either count changes slope
-        keep = np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True]
-        fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
-    fps, tps = np.r_[0.0, fps], np.r_[0.0, tps]
-    thresholds = np.r_[np.inf, thresholds]
-    return fps / fps[-1], 1 - tps / tps[-1], thresholds
-
-
-def _eer(s_asc: np.ndarray, y_asc: np.ndarray) -> tuple[float, float]:
-    fpr, fnr, thresholds = _seed_roc(s_asc, y_asc)
-    i = int(np.argmin(np.abs(fnr - fpr)))  # first minimum, like numpy.nanargmin (no NaN: both classes exist)
+    fpr, tpr, thresholds = roc_curve(labels, scores, pos_label=1)  # the seed's call: drop_intermediate=True
+    fnr = 1 - tpr
+    i = int(np.nanargmin(np.abs(fnr - fpr)))  # the first (highest-threshold) nearest point
     return float(max(fpr[i], fnr[i]) * 100), float(thresholds[i])
 
 
-def _seed_error_rates(s_asc: np.ndarray, y_asc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The seed's ComputeErrorRates: (fnrs, fprs, thresholds), point i rejecting the first i + 1 sorted trials."""
-    misses = np.cumsum(y_asc)  # targets among the rejected trials
-    rejected_nontargets = np.arange(1, len(s_asc) + 1) - misses
+def _error_rates(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The seed's ComputeErrorRates: (fnrs, fprs, thresholds), point i rejecting the first i + 1 trials in stable
+    ascending score order (the seed's ``sorted(…, key=score)``)."""
+    order = np.argsort(s, kind="stable")
+    misses = np.cumsum(y[order])  # targets among the rejected trials
+    rejected_nontargets = np.arange(1, len(s) + 1) - misses
     n_target = int(misses[-1])
-    n_nontarget = len(s_asc) - n_target
-    return misses / float(n_target), 1 - rejected_nontargets / float(n_nontarget), s_asc
+    n_nontarget = len(s) - n_target
+    return misses / float(n_target), 1 - rejected_nontargets / float(n_nontarget), s[order]
 
 
-def _min_dcf(s_asc: np.ndarray, y_asc: np.ndarray, p_target: float, c_miss: float,
+def _min_dcf(fnrs: np.ndarray, fprs: np.ndarray, thresholds: np.ndarray, p_target: float, c_miss: float,
              c_fa: float) -> tuple[float, float]:
-    fnrs, fprs, thresholds = _seed_error_rates(s_asc, y_asc)
+    """The seed's ComputeMinDcf on ComputeErrorRates' curve."""
     c_det = c_miss * fnrs * p_target + c_fa * fprs * (1 - p_target)
     i = int(np.argmin(c_det))  # first minimum, like the seed's strict "<"
     c_def = min(c_miss * p_target, c_fa * (1 - p_target))
@@ -170,14 +151,14 @@ def eer(scores, labels) -> tuple[float, float]:
 
     ``labels``: 1 = target (same speaker), 0 = non-target. See the module docstring for the tie rules.
     """
-    return _eer(*_sort(*check_trials(scores, labels, "EER")))
+    s, y = check_trials(scores, labels, "EER")
+    return eer_from_roc(s, y)
 
 
 def min_dcf(scores, labels, p_target: float = 0.05, c_miss: float = 1, c_fa: float = 1) -> tuple[float, float]:
     """Normalised minimum detection cost and the seed's threshold (the last rejected score), as voxceleb_trainer."""
     _check_costs(p_target, c_miss, c_fa)
-    s_asc, y_asc = _sort(*check_trials(scores, labels, "minDCF"))
-    return _min_dcf(s_asc, y_asc, p_target, c_miss, c_fa)
+    return _min_dcf(*_error_rates(*check_trials(scores, labels, "minDCF")), p_target, c_miss, c_fa)
 
 
 def actual_dcf(scores, labels, threshold: float, p_target: float = 0.05, c_miss: float = 1,
@@ -198,12 +179,15 @@ def actual_dcf(scores, labels, threshold: float, p_target: float = 0.05, c_miss:
 def det_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, fnr, thresholds) at every distinct score, thresholds ascending; accept scores ≥ threshold.
 
-    Nothing is dropped (unlike the EER's curve): fpr falls from 1 to its last value and fnr rises from 0.
-    For a DET plot, map both rates through the probit (``scipy.stats.norm.ppf``) and skip 0/1 values.
+    sklearn's full ROC curve (nothing dropped, unlike the EER's; without its +inf point), reversed: fpr falls from
+    1 to its last value and fnr rises from 0. For a DET plot, map both rates through the probit
+    (``scipy.stats.norm.ppf``) and skip 0/1 values. (sklearn's own ``det_curve`` also trims the flat ends.)
     """
-    fps, tps, thresholds = _roc_points(*_sort(*check_trials(scores, labels, "the DET curve")))
-    fpr, fnr = fps / fps[-1], 1 - tps / tps[-1]
-    return fpr[::-1].copy(), fnr[::-1].copy(), thresholds[::-1].copy()
+    from sklearn.metrics import roc_curve
+
+    s, y = check_trials(scores, labels, "the DET curve")
+    fpr, tpr, thresholds = roc_curve(y, s, pos_label=1, drop_intermediate=False)
+    return fpr[:0:-1].copy(), (1 - tpr)[:0:-1].copy(), thresholds[:0:-1].copy()
 
 
 @dataclass(frozen=True)
@@ -225,10 +209,10 @@ class Metrics:
         s, y = check_trials(scores, labels, "EER")
         for p_target in DCF_P_TARGETS:
             _check_costs(p_target, c_miss, c_fa)
-        s_asc, y_asc = _sort(s, y)
-        value, threshold = _eer(s_asc, y_asc)
-        dcf05 = _min_dcf(s_asc, y_asc, DCF_P_TARGETS[0], c_miss, c_fa)
-        dcf01 = _min_dcf(s_asc, y_asc, DCF_P_TARGETS[1], c_miss, c_fa)
+        value, threshold = eer_from_roc(s, y)
+        rates = _error_rates(s, y)
+        dcf05 = _min_dcf(*rates, DCF_P_TARGETS[0], c_miss, c_fa)
+        dcf01 = _min_dcf(*rates, DCF_P_TARGETS[1], c_miss, c_fa)
         n_target = int(y.sum())
         return cls(value, threshold, *dcf05, *dcf01, n_target, len(y) - n_target)
 

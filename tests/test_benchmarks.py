@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import run_all  # benchmarks/run_all.py: pytest puts benchmarks/ on the path (pyproject.toml, pythonpath)
 
-import run_all  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_run_all_smoke_runs_every_benchmark_into_one_table(tmp_path):

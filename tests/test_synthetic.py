@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import scipy.fft
 import soundfile
-from sklearn.metrics import roc_curve
 
 from speakerid.data.synthetic import (
     CorpusSpec,
@@ -21,6 +20,7 @@ from speakerid.data.synthetic import (
     speaker_params,
     synthesize_utterance,
 )
+from speakerid.metrics import eer
 
 SMALL = CorpusSpec(n_speakers=6, utts_per_speaker=4, n_test_speakers=4, test_utts_per_speaker=4,
                    videos_per_speaker=2, min_seconds=2.0, max_seconds=4.0, n_trials=60, seed=7)
@@ -188,10 +188,7 @@ def fixed_feature_eer(out: Path, seed: int = 0) -> float:
     index = {u: i for i, u in enumerate(utterances)}
     trials = read_trials(out / "trials.txt")
     scores = [embeddings[index[a]] @ embeddings[index[b]] for _, a, b in trials]
-    fpr, tpr, _ = roc_curve([label for label, _, _ in trials], scores)
-    fnr = 1.0 - tpr
-    i = np.nanargmin(np.abs(fnr - fpr))  # the seeds' convention (tuneThreshold.py)
-    return 100.0 * (fpr[i] + fnr[i]) / 2
+    return eer(scores, [label for label, _, _ in trials])[0]  # the seeds' convention (tuneThreshold.py)
 
 
 def test_fixed_feature_baseline_is_above_chance_but_not_trivial(tmp_path: Path) -> None:

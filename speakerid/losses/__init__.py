@@ -8,12 +8,12 @@ Its parameters carry the seeds' names, so a voxceleb_trainer / masked-proxy ``__
 Class attributes tell the rest of the toolkit what a loss needs: ``min_utts_per_speaker`` /
 ``max_utts_per_speaker`` (M), ``test_normalize`` (L2-normalise embeddings at test time).
 
-Where things live: one loss per file, named as the seeds name it (``softmax``, ``amsoftmax``,
-``aamsoftmax``: classification; ``proto``, ``angleproto``, ``ge2e``, ``softmaxproto``: prototypical;
-``pairwise``: triplet and contrastive with hard-negative mining; ``proxynca``, ``proxyanchor``,
-``masked_proxy``: proxy losses). ``base`` holds the contract and the shared pieces (input checks, same-speaker
-masking, ``ScaledCosineLoss``); ``distributed`` gathers every rank's batch for ``cross_rank_negatives``.
-Adding a loss is a file here and a line in ``LOSSES`` below.
+Where things live: one loss per file, named as the seeds name it (``softmax``, ``amsoftmax``, ``aamsoftmax``:
+classification; ``proto``, ``angleproto``, ``ge2e``, ``softmaxproto``: prototypical; ``pairwise``: triplet and
+contrastive with hard-negative mining; ``proxynca``, ``proxyanchor``, ``masked_proxy``: proxy losses).
+``base`` holds the contract and the shared pieces (input checks, same-speaker masking, ``ScaledCosineLoss``);
+``distributed`` gathers every rank's batch for ``cross_rank_negatives``; the pairwise losses' EER is
+``speakerid.metrics``'. Adding a loss is a file here and a line in ``LOSSES`` below.
 """
 
 from __future__ import annotations

@@ -25,11 +25,9 @@ class AngleProto(ScaledCosineLoss):
     """
 
     name = "angleproto"
-    min_utts_per_speaker = 2
-    test_normalize = True
 
     def forward(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        x, labels = self.inputs(x, labels)
+        x, labels = self.global_batch(x, labels)
         logits = mask_same_speaker(angular_prototypical_logits(x, self.w, self.b), labels)
         target = torch.arange(len(labels), device=x.device)
         return F.cross_entropy(logits, target), top1(logits, target)

@@ -1,4 +1,6 @@
-"""What every loss shares: the (N, M, D) + labels contract, input checks and a few masked-softmax helpers.
+"""What every loss shares: the (N, M, D) + labels contract, input checks (``check_input``; ``global_batch`` also
+gathers every rank's rows for ``cross_rank_negatives``), the learnable w/b of ``ScaledCosineLoss`` (angleproto,
+ge2e) and a few masked-softmax helpers.
 
 A loss takes embeddings ``(N, M, D)`` (N speaker rows × M utterances) and global speaker labels ``(N,)``
 and returns ``(loss, accuracy)``. ``accuracy`` is a detached 0-d tensor in percent, as the seeds print it:
@@ -37,6 +39,8 @@ class SpeakerLoss(nn.Module):
     accuracy_kind: ClassVar[str] = "top1"
     # Seed spellings of constructor keywords, accepted by build_loss: {seed name: our name}.
     keyword_aliases: ClassVar[dict[str, str]] = {}
+    # Metric losses taking the option set it per instance: compute on every rank's rows (losses/distributed.py).
+    cross_rank_negatives: bool = False
 
     @classmethod
     def check_utts_per_speaker(cls, m: int) -> None:
@@ -60,28 +64,30 @@ class SpeakerLoss(nn.Module):
             x = x.float()  # exp/log-sum-exp in half precision overflows at the seeds' scales (w=10, alpha=30)
         return x, labels.to(device=x.device, dtype=torch.long)
 
+    def global_batch(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """``check_input``, then all ranks' rows in rank order when ``cross_rank_negatives`` is set."""
+        x, labels = self.check_input(x, labels)
+        return gather_batch(x, labels) if self.cross_rank_negatives else (x, labels)
+
     def flatten(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """(N, M, D), (N,) → (N·M, D), (N·M,): row i's utterances stay contiguous (as softmaxproto does)."""
         n, m, d = x.shape
         return x.reshape(n * m, d), labels.repeat_interleave(m)
 
 
+
 class ScaledCosineLoss(SpeakerLoss):
-    """A metric loss on ``w · cos + b`` with learnable w and b, optionally over every rank's batch (angleproto, ge2e)."""
+    """Base of the seeds' metric losses on cosines scaled by a learnable ``w`` and shifted by a learnable ``b``
+    (angleproto, ge2e): the two parameters, initialised from ``init_w``/``init_b``, and the cross-rank option."""
+
+    min_utts_per_speaker = 2
+    test_normalize = True
 
     def __init__(self, *, init_w: float = 10.0, init_b: float = -5.0, cross_rank_negatives: bool = False) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.tensor(init_w))
         self.b = nn.Parameter(torch.tensor(init_b))
         self.cross_rank_negatives = cross_rank_negatives
-
-    def inputs(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """check_input, then every rank's rows when cross_rank_negatives is set."""
-        x, labels = self.check_input(x, labels)
-        if self.cross_rank_negatives:
-            x, labels = gather_batch(x, labels)
-        return x, labels
-
 
 def top1(logits: Tensor, target: Tensor) -> Tensor:
     """Percentage of rows whose largest logit is the target, detached (the seeds' utils.accuracy, k=1)."""

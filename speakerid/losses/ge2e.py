@@ -18,11 +18,9 @@ class GE2E(ScaledCosineLoss):
     """
 
     name = "ge2e"
-    min_utts_per_speaker = 2
-    test_normalize = True
 
     def forward(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        x, labels = self.inputs(x, labels)
+        x, labels = self.global_batch(x, labels)
         n, m, _ = x.shape
         centroids = x.mean(dim=1)                                   # (N, D)
         leave_one_out = (x.sum(dim=1, keepdim=True) - x) / (m - 1)  # (N, M, D): own centroid without x_im

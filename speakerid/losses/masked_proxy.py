@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speakerid.losses.base import SpeakerLoss, l2_normalise, log1p_sum_exp, seed_l2_norm, top1
-from speakerid.losses.distributed import gather_batch
 
 
 
@@ -53,9 +52,7 @@ class _MaskedProxyLoss(SpeakerLoss):
     def queries(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Queries (R, D), their centroids (R, D), their labels (R,), the batch's classes U (K,) and each
         query's index into U; from L2-normalised utterances."""
-        x, labels = self.check_input(x, labels)
-        if self.cross_rank_negatives:
-            x, labels = gather_batch(x, labels)
+        x, labels = self.global_batch(x, labels)
         x = l2_normalise(x)
         if not self.grouped:
             classes, where = torch.unique(labels, return_inverse=True)

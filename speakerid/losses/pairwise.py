@@ -9,18 +9,17 @@ from torch import Tensor
 
 from speakerid.errors import SpeakeridError
 from speakerid.losses.base import PAIRWISE_EPS, SpeakerLoss, l2_normalise, squared_distances
+from speakerid.metrics import eer_from_roc
 
 
 def pair_eer(pos_dist: Tensor, neg_dist: Tensor) -> Tensor:
-    """EER in percent of the scores −distance (positives labelled 1), as the seed's tuneThresholdfromScore."""
-    from sklearn.metrics import roc_curve
+    """EER in percent of the scores −distance (positives labelled 1), as the seed's tuneThresholdfromScore.
 
+    On the CPU, as the seed's ``.cpu().numpy()``; in float64 (the same scores, and bf16 distances read too).
+    """
     scores = -torch.cat([pos_dist, neg_dist]).detach().double().cpu().numpy()
     truth = np.r_[np.ones(len(pos_dist)), np.zeros(len(neg_dist))]
-    fpr, tpr, _ = roc_curve(truth, scores, pos_label=1)
-    fnr = 1 - tpr
-    i = np.nanargmin(np.abs(fnr - fpr))
-    return torch.tensor(max(fpr[i], fnr[i]) * 100.0, dtype=torch.float32)
+    return torch.tensor(eer_from_roc(scores, truth)[0], dtype=torch.float32)
 
 
 def _random_pick(candidates: Tensor) -> Tensor:

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from speakerid.losses.base import SpeakerLoss, mask_same_speaker, squared_distances, top1
-from speakerid.losses.distributed import gather_batch
 
 
 class Proto(SpeakerLoss):
@@ -26,9 +25,7 @@ class Proto(SpeakerLoss):
         self.cross_rank_negatives = cross_rank_negatives
 
     def forward(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        x, labels = self.check_input(x, labels)
-        if self.cross_rank_negatives:
-            x, labels = gather_batch(x, labels)
+        x, labels = self.global_batch(x, labels)
         logits = -squared_distances(x[:, 0], x[:, 1:].mean(dim=1))
         logits = mask_same_speaker(logits, labels)
         target = torch.arange(len(labels), device=x.device)
