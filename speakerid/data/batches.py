@@ -32,11 +32,10 @@ import numpy as np
 import torch
 
 from speakerid.audio import read_crop
-from speakerid.data.index import member_intact, split_member
+from speakerid.data.index import member_intact
 from speakerid.data.shardset import ShardSet, assign_streams
-from speakerid.data.shardio import (DEFAULT_IO_TIMEOUT, DEFAULT_SHARD_RETRIES, ShardFailures, ShardUnavailable,
-                                    open_shard)
-from speakerid.data.tarstream import iter_tar
+from speakerid.data.shardio import (DEFAULT_IO_TIMEOUT, DEFAULT_SHARD_RETRIES, Faults, ShardFailures, ShardUnavailable,
+                                    read_shard)
 from speakerid.errors import SpeakeridError
 
 log = logging.getLogger("speakerid.data")
@@ -138,17 +137,6 @@ def usable_utterances(index: dict, config: BatchConfig, n_streams: int) -> int:
 
 
 @dataclass
-class Faults:
-    """Damaged input met by a stream, skipped and counted (never a crash, never a silent loss)."""
-
-    corrupt_members: int = 0
-    damaged_shards: int = 0
-
-    def as_dict(self) -> dict:
-        return {"corrupt_members": self.corrupt_members, "damaged_shards": self.damaged_shards}
-
-
-@dataclass
 class Utterance:
     key: str
     label: int
@@ -157,35 +145,6 @@ class Utterance:
     payload: object  # wav: the int16 crop, cut at once; flac: the member bytes, decoded at emission
     pass_number: int
     checked: bool = False  # its json carries a crc32 the parser verified
-
-
-def read_shard(url: str, faults: Faults, io_timeout: float = DEFAULT_IO_TIMEOUT) -> Iterator[dict]:
-    """One shard's samples as {__key__, __url__, json, <encoding>: bytes}; a damaged tail is counted and skipped.
-
-    A transport failure (see speakerid.data.shardio) raises ShardUnavailable: the caller decides to retry or stop.
-    """
-    stream = open_shard(url, io_timeout)
-    damage = None
-    try:
-        sample: dict = {}
-        for name, data in iter_tar(stream):
-            key, ext = split_member(name)
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            sample["__key__"], sample["__url__"] = key, url
-            sample[ext] = data
-        if sample:
-            yield sample
-    except ValueError as error:  # TarError: a truncated or garbled tar ends this shard early
-        damage = error
-    except OSError as error:  # a local read error (NFS, disk): maybe passing, like a network one
-        raise ShardUnavailable(f"{url}: read error: {error}") from error
-    finally:
-        stream.close()  # a pipe: command that failed raises here: its exit, not the tar, is the cause
-    if damage is not None:
-        faults.damaged_shards += 1
-        log.warning("%s: shard damaged, rest of it skipped: %s", url, damage)
 
 
 def interleave(urls: list[str], open_shards: int, rng: np.random.Generator, faults: Faults,
