@@ -240,7 +240,8 @@ def run_merge(args) -> int:
 def run_read(args) -> int:
     import time
 
-    from speakerid.data.batches import BatchConfig, EpochMeter, train_loader, usable_utterances
+    from speakerid.data.batches import BatchConfig, train_loader, usable_utterances
+    from speakerid.data.meter import EpochMeter
     from speakerid.data.shardset import ShardSet
 
     shards = ShardSet.open(args.shards, urls=args.urls, io_timeout=args.io_timeout)

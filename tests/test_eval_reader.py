@@ -10,9 +10,10 @@ import pytest
 import soundfile
 import torch
 
-from speakerid.data.batches import BatchConfig, EpochMeter, train_loader, usable_utterances
+from speakerid.data.batches import BatchConfig, train_loader, usable_utterances
 from speakerid.data.eval_reader import AudioTree, EvalConfig, EvalUtterances, eval_crops, eval_loader
 from speakerid.data.lists import entries_from_trials, scan_audio_tree, utterance_key
+from speakerid.data.meter import EpochMeter
 from speakerid.data.noise import NoiseBank
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.shardset import ShardSet

@@ -21,13 +21,14 @@ import numpy as np
 import pytest
 import soundfile
 
-from speakerid.data.batches import BatchConfig, TrainStream, parse, train_loader
+from speakerid.data.batches import BatchConfig, TrainStream, train_loader
 from speakerid.data.eval_reader import eval_loader
 from speakerid.data.lists import entries_from_trials, read_train_list, scan_audio_tree
 from speakerid.data.noise import NoiseBank
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.shardio import Faults, ShardUnavailable, read_shard
 from speakerid.data.shardset import ShardSet
+from speakerid.data.stages import parse
 from speakerid.data.writer import pack
 from speakerid.errors import SpeakeridError
 from tests.conftest import REPO

@@ -16,14 +16,8 @@ world size, workers, batch index) and skipping to batch k reads the skipped shar
 
 from __future__ import annotations
 
-import atexit
-import hashlib
-import json
 import logging
 import math
-import multiprocessing
-import os
-import signal
 from collections import defaultdict, deque
 from dataclasses import dataclass, field, fields
 from typing import Iterator
@@ -32,10 +26,10 @@ import numpy as np
 import torch
 
 from speakerid.audio import read_crop
-from speakerid.data.index import member_intact
+from speakerid.data.loader import TrainLoader, forward_errors
+from speakerid.data.shardio import DEFAULT_SHARD_RETRIES, Faults, ShardFailures, ShardUnavailable
 from speakerid.data.shardset import ShardSet, assign_streams
-from speakerid.data.shardio import (DEFAULT_IO_TIMEOUT, DEFAULT_SHARD_RETRIES, Faults, ShardFailures, ShardUnavailable,
-                                    read_shard)
+from speakerid.data.stages import Pool, Utterance, apply_quota, group_tuples, interleave, parse
 from speakerid.errors import SpeakeridError
 
 log = logging.getLogger("speakerid.data")
@@ -131,129 +125,6 @@ def usable_utterances(index: dict, config: BatchConfig, n_streams: int) -> int:
     """Utterances that can appear in a pass (the denominator of the per-epoch coverage)."""
     m = config.utts_per_speaker
     return sum((q // m) * m for p in plan_streams(index, config, n_streams) for q in p.quota.values())
-
-
-# ------------------------------------------------------------------------------------------------ stages
-
-
-@dataclass
-class Utterance:
-    key: str
-    label: int
-    samples: int
-    u: float  # the crop position draw, made when the utterance is read
-    payload: object  # wav: the int16 crop, cut at once; flac: the member bytes, decoded at emission
-    pass_number: int
-    checked: bool = False  # its json carries a crc32 the parser verified
-
-
-def interleave(urls: list[str], open_shards: int, rng: np.random.Generator, faults: Faults,
-               failures: ShardFailures | None = None, io_timeout: float = DEFAULT_IO_TIMEOUT) -> Iterator[dict]:
-    """Read up to ``open_shards`` shards at once, taking each next sample from a random open one.
-
-    A shard whose transport fails is counted as damaged and left for this pass; ``failures`` stops the
-    K-th failure in a row of one shard (across passes) with an error naming it.
-    """
-    failures = failures or ShardFailures()
-    pending = deque(urls)
-    readers = []
-    while pending or readers:
-        while pending and len(readers) < open_shards:
-            url = pending.popleft()
-            readers.append((url, read_shard(url, faults, io_timeout)))
-        i = int(rng.integers(len(readers)))
-        url, reader = readers[i]
-        try:
-            yield next(reader)
-        except StopIteration:
-            readers.pop(i)
-            failures.succeeded(url)
-        except ShardUnavailable as error:
-            readers.pop(i)
-            faults.damaged_shards += 1
-            log.warning("%s (skipped in this pass)", error)
-            failures.failed(url, error)
-
-
-def parse(samples: Iterator[dict], encoding: str, crop_samples: int, rng: np.random.Generator,
-          pass_number: int, faults: Faults) -> Iterator[Utterance]:
-    """Member bytes → Utterance; a wav crop is cut here (a slice, no decoding), flac waits for emission."""
-    for sample in samples:
-        try:
-            meta = json.loads(sample["json"])
-            data = sample[encoding]
-            if not member_intact(meta, data):
-                faults.corrupt_members += 1
-                log.warning("%s in %s: audio bytes fail their crc32, member skipped",
-                            sample["__key__"], sample["__url__"])
-                continue
-            n, label = int(meta["samples"]), int(meta["label"])
-            u = float(rng.random())
-            if encoding == "wav":  # cut the crop now (a slice of the PCM): the pool holds 2·L bytes, not the file
-                payload = read_crop(data, "wav", n, crop_samples, u)
-            else:
-                payload = data
-        except (KeyError, ValueError, TypeError) as error:
-            faults.corrupt_members += 1
-            log.warning("%s: skipping a damaged sample: %r", sample.get("__key__"), error)
-            continue
-        yield Utterance(sample["__key__"], label, n, u, payload, pass_number, checked="crc32" in meta)
-
-
-def apply_quota(utterances: Iterator[Utterance], quota: dict[int, int]) -> Iterator[Utterance]:
-    """At most ``quota[label]`` utterances of a speaker per pass (max_seg_per_spk)."""
-    used: dict[int, int] = defaultdict(int)
-    for utt in utterances:
-        if used[utt.label] < quota.get(utt.label, 0):
-            used[utt.label] += 1
-            yield utt
-
-
-def group_tuples(utterances: Iterator[Utterance], m: int) -> Iterator[list[Utterance]]:
-    """Consecutive utterances of a speaker → M-tuples. Fewer than M left at the pass end are not usable."""
-    partial: dict[int, list[Utterance]] = defaultdict(list)
-    for utt in utterances:
-        group = partial[utt.label]
-        group.append(utt)
-        if len(group) == m:
-            yield list(group)
-            group.clear()
-
-
-class Pool:
-    """Speaker tuples waiting for a batch, by label; older passes' tuples are drawn first."""
-
-    def __init__(self) -> None:
-        self.tuples: dict[int, deque] = {}
-        self.size = 0
-
-    def add(self, t: list[Utterance]) -> None:
-        self.tuples.setdefault(t[0].label, deque()).append(t)
-        self.size += 1
-
-    @property
-    def speakers(self) -> int:
-        return len(self.tuples)
-
-    def draw_order(self, rng: np.random.Generator, current_pass: int) -> list[int]:
-        """Labels in the order to try them: carried-over speakers first, each tier weighted by tuple count."""
-        labels = np.fromiter(self.tuples, dtype=np.int64, count=len(self.tuples))
-        counts = np.array([len(self.tuples[x]) for x in labels], dtype=np.float64)
-        carried = np.array([self.tuples[x][0][0].pass_number < current_pass for x in labels])
-        order = []
-        for tier in (carried, ~carried):
-            if tier.any():
-                p = counts[tier] / counts[tier].sum()
-                order.extend(rng.choice(labels[tier], size=int(tier.sum()), replace=False, p=p).tolist())
-        return order
-
-    def pop(self, label: int) -> list[Utterance]:
-        queue = self.tuples[label]
-        t = queue.popleft()
-        if not queue:
-            del self.tuples[label]
-        self.size -= 1
-        return t
 
 
 # -------------------------------------------------------------------------------------------------- stream
@@ -405,133 +276,8 @@ class TrainBatches(torch.utils.data.IterableDataset):
         yield from forward_errors(stream.batches(skip))
 
 
-def forward_errors(batches: Iterator[dict]) -> Iterator[dict]:
-    """Worker side of ReaderLoader: a SpeakeridError becomes a last {"error": message} item."""
-    try:
-        yield from batches
-    except SpeakeridError as error:
-        if torch.utils.data.get_worker_info() is None:
-            raise
-        yield {"error": str(error)}  # raised, torch would wrap it in the worker's traceback
-
-
-class ReaderLoader(torch.utils.data.DataLoader):
-    """A DataLoader whose workers' errors reach the caller as the one clear message they were raised with."""
-
-    iterator = None  # torch's iterator of the latest __iter__ (TrainLoader.close shuts its workers down)
-
-    def __iter__(self) -> Iterator[dict]:
-        self.iterator = super().__iter__()
-        return _raise_worker_errors(self.iterator)
-
-
-def _raise_worker_errors(batches: Iterator[dict]) -> Iterator[dict]:
-    for batch in batches:
-        if "error" in batch:
-            raise SpeakeridError(batch["error"])
-        yield batch
-
-
-class WorkerSignals:
-    """DataLoader workers leave SIGTERM/SIGINT/SIGUSR1 to the main process until it closes the loader.
-
-    A cluster signals the whole process group (Slurm, Kubernetes, Ctrl-C, the launcher's forwarding): a worker
-    that died of it would take the run down before the main process saved its checkpoint. Once the loader is
-    closing, the signal ends the worker as usual, so the DataLoader's own terminate() still works.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.closing = multiprocessing.RawValue("b", 0)  # shared with the forked workers, read in a signal handler
-
-    def __call__(self, worker_id: int) -> None:  # the DataLoader's worker_init_fn
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.closing.value:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-    def close(self) -> None:
-        self.closing.value = 1
-
-
-class TrainLoader(ReaderLoader):
-    """The DataLoader of the training batches; ``close()`` stops its workers, even one stuck on a dead server."""
-
-    def __init__(self, dataset: TrainBatches, *, workers: int, pin_memory: bool) -> None:
-        self.worker_signals = WorkerSignals()
-        super().__init__(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
-                         worker_init_fn=self.worker_signals if workers > 0 else None)
-        atexit.register(self.worker_signals.close)  # runs before multiprocessing's own exit handler terminates them
-
-    def close(self) -> None:
-        self.worker_signals.close()
-        shutdown = getattr(self.iterator, "_shutdown_workers", None)  # torch has no public close for an iterator
-        if shutdown is not None:
-            shutdown()
-
-
 def train_loader(shards: ShardSet, config: BatchConfig, *, rank: int = 0, world_size: int = 1, workers: int = 0,
                  start_batch: int = 0, pin_memory: bool = False) -> TrainLoader:
     """A DataLoader over whole batches assembled in the workers (batch_size=None: no collation)."""
     dataset = TrainBatches(shards, config, rank=rank, world_size=world_size, workers=workers, start_batch=start_batch)
     return TrainLoader(dataset, workers=workers, pin_memory=pin_memory)
-
-
-class EpochMeter:
-    """Per-epoch coverage (share of usable utterances seen) and faults, from the batches a rank consumed.
-
-    Faults are cumulative per stream in each batch; the epoch's count is the growth of their sum. Utterance keys
-    are kept as 64-bit hashes (8 bytes each) so the state a checkpoint saves stays small at VoxCeleb scale.
-    """
-
-    def __init__(self, usable: int) -> None:
-        self.usable = usable
-        self.seen: set[int] = set()
-        self.crops = 0
-        self._faults_at: dict[int, dict] = {}
-        self._faults_start: dict[int, dict] = {}
-
-    def update(self, batch: dict) -> None:
-        for t in batch["keys"]:
-            self.seen.update(key_hash(k) for k in t)
-            self.crops += len(t)
-        self._faults_at[batch["stream"]] = batch["faults"]
-
-    def report(self) -> dict:
-        faults = {k: sum(f[k] - self._faults_start.get(s, {}).get(k, 0) for s, f in self._faults_at.items())
-                  for k in ("corrupt_members", "damaged_shards")}
-        return {"coverage": len(self.seen) / max(1, self.usable), "utterances_seen": len(self.seen),
-                "usable": self.usable, "crops": self.crops, **faults}
-
-    def next_epoch(self) -> None:
-        self.seen.clear()
-        self.crops = 0
-        self._faults_start = {s: dict(f) for s, f in self._faults_at.items()}
-
-    def save(self, path) -> None:
-        """The epoch so far as safetensors (hashes) + JSON metadata: a resumed run reports the whole epoch."""
-        from safetensors.numpy import save_file
-
-        state = {"crops": self.crops, "faults_at": self._faults_at, "faults_start": self._faults_start}
-        seen = np.fromiter(sorted(self.seen), dtype=np.uint64, count=len(self.seen))
-        save_file({"seen": seen}, str(path), metadata={"state": json.dumps(state)})
-
-    def load(self, path) -> None:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "np") as f:
-            state = json.loads(f.metadata()["state"])
-            self.seen = set(f.get_tensor("seen").tolist())
-        self.crops = state["crops"]
-        self._faults_at = {int(s): f for s, f in state["faults_at"].items()}  # JSON keys are strings
-        self._faults_start = {int(s): f for s, f in state["faults_start"].items()}
-
-
-def key_hash(key: str) -> int:
-    """A stable 64-bit hash of an utterance key (Python's hash() changes between processes)."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")

@@ -1,0 +1,143 @@
+"""Reader stages: each takes an iterator and yields the next kind of item (WeSpeaker's processor chain).
+
+TrainStream (speakerid.data.batches) chains them, pass after pass: shard URLs → :func:`interleave` (K shards
+read at once, via speakerid.data.shardio) → :func:`parse` (member bytes → :class:`Utterance`) →
+:func:`apply_quota` (max_seg_per_spk) → :func:`group_tuples` (M-tuples of a speaker) → :class:`Pool` (tuples
+waiting for a batch of N distinct speakers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from speakerid.audio import read_crop
+from speakerid.data.index import member_intact
+from speakerid.data.shardio import DEFAULT_IO_TIMEOUT, Faults, ShardFailures, ShardUnavailable, read_shard
+
+log = logging.getLogger("speakerid.data")
+
+
+@dataclass
+class Utterance:
+    key: str
+    label: int
+    samples: int
+    u: float  # the crop position draw, made when the utterance is read
+    payload: object  # wav: the int16 crop, cut at once; flac: the member bytes, decoded at emission
+    pass_number: int
+    checked: bool = False  # its json carries a crc32 the parser verified
+
+
+def interleave(urls: list[str], open_shards: int, rng: np.random.Generator, faults: Faults,
+               failures: ShardFailures | None = None, io_timeout: float = DEFAULT_IO_TIMEOUT) -> Iterator[dict]:
+    """Read up to ``open_shards`` shards at once, taking each next sample from a random open one.
+
+    A shard whose transport fails is counted as damaged and left for this pass; ``failures`` stops the
+    K-th failure in a row of one shard (across passes) with an error naming it.
+    """
+    failures = failures or ShardFailures()
+    pending = deque(urls)
+    readers = []
+    while pending or readers:
+        while pending and len(readers) < open_shards:
+            url = pending.popleft()
+            readers.append((url, read_shard(url, faults, io_timeout)))
+        i = int(rng.integers(len(readers)))
+        url, reader = readers[i]
+        try:
+            yield next(reader)
+        except StopIteration:
+            readers.pop(i)
+            failures.succeeded(url)
+        except ShardUnavailable as error:
+            readers.pop(i)
+            faults.damaged_shards += 1
+            log.warning("%s (skipped in this pass)", error)
+            failures.failed(url, error)
+
+
+def parse(samples: Iterator[dict], encoding: str, crop_samples: int, rng: np.random.Generator,
+          pass_number: int, faults: Faults) -> Iterator[Utterance]:
+    """Member bytes → Utterance; a wav crop is cut here (a slice, no decoding), flac waits for emission."""
+    for sample in samples:
+        try:
+            meta = json.loads(sample["json"])
+            data = sample[encoding]
+            if not member_intact(meta, data):
+                faults.corrupt_members += 1
+                log.warning("%s in %s: audio bytes fail their crc32, member skipped",
+                            sample["__key__"], sample["__url__"])
+                continue
+            n, label = int(meta["samples"]), int(meta["label"])
+            u = float(rng.random())
+            if encoding == "wav":  # cut the crop now (a slice of the PCM): the pool holds 2·L bytes, not the file
+                payload = read_crop(data, "wav", n, crop_samples, u)
+            else:
+                payload = data
+        except (KeyError, ValueError, TypeError) as error:
+            faults.corrupt_members += 1
+            log.warning("%s: skipping a damaged sample: %r", sample.get("__key__"), error)
+            continue
+        yield Utterance(sample["__key__"], label, n, u, payload, pass_number, checked="crc32" in meta)
+
+
+def apply_quota(utterances: Iterator[Utterance], quota: dict[int, int]) -> Iterator[Utterance]:
+    """At most ``quota[label]`` utterances of a speaker per pass (max_seg_per_spk)."""
+    used: dict[int, int] = defaultdict(int)
+    for utt in utterances:
+        if used[utt.label] < quota.get(utt.label, 0):
+            used[utt.label] += 1
+            yield utt
+
+
+def group_tuples(utterances: Iterator[Utterance], m: int) -> Iterator[list[Utterance]]:
+    """Consecutive utterances of a speaker → M-tuples. Fewer than M left at the pass end are not usable."""
+    partial: dict[int, list[Utterance]] = defaultdict(list)
+    for utt in utterances:
+        group = partial[utt.label]
+        group.append(utt)
+        if len(group) == m:
+            yield list(group)
+            group.clear()
+
+
+class Pool:
+    """Speaker tuples waiting for a batch, by label; older passes' tuples are drawn first."""
+
+    def __init__(self) -> None:
+        self.tuples: dict[int, deque] = {}
+        self.size = 0
+
+    def add(self, t: list[Utterance]) -> None:
+        self.tuples.setdefault(t[0].label, deque()).append(t)
+        self.size += 1
+
+    @property
+    def speakers(self) -> int:
+        return len(self.tuples)
+
+    def draw_order(self, rng: np.random.Generator, current_pass: int) -> list[int]:
+        """Labels in the order to try them: carried-over speakers first, each tier weighted by tuple count."""
+        labels = np.fromiter(self.tuples, dtype=np.int64, count=len(self.tuples))
+        counts = np.array([len(self.tuples[x]) for x in labels], dtype=np.float64)
+        carried = np.array([self.tuples[x][0][0].pass_number < current_pass for x in labels])
+        order = []
+        for tier in (carried, ~carried):
+            if tier.any():
+                p = counts[tier] / counts[tier].sum()
+                order.extend(rng.choice(labels[tier], size=int(tier.sum()), replace=False, p=p).tolist())
+        return order
+
+    def pop(self, label: int) -> list[Utterance]:
+        queue = self.tuples[label]
+        t = queue.popleft()
+        if not queue:
+            del self.tuples[label]
+        self.size -= 1
+        return t
