@@ -1,7 +1,8 @@
 """Training batches of N distinct speakers × M utterances, streamed from shards.
 
-Every (rank, DataLoader worker) pair is one *stream*. A stream owns a fixed share of the shards (balanced
-by utterance count) and walks it pass after pass, without end:
+Every (rank, DataLoader worker) pair is one *stream* (:class:`TrainStream`). A stream owns a fixed share of
+the shards (balanced by utterance count) and walks it pass after pass, without end, through the reader
+stages of speakerid.data.stages, listed in order in :meth:`TrainStream.stages`:
 
     shards of the pass (seeded order) → interleave K open shards → parse members → per-speaker quota
     (max_seg_per_spk) → M-tuples per speaker → pool → batches of N distinct speakers → crops (decoded last)
@@ -16,23 +17,21 @@ world size, workers, batch index) and skipping to batch k reads the skipped shar
 
 from __future__ import annotations
 
-import logging
+import itertools
 import math
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from speakerid.audio import read_crop
 from speakerid.data.loader import TrainLoader, forward_errors
 from speakerid.data.shardio import DEFAULT_SHARD_RETRIES, Faults, ShardFailures, ShardUnavailable
 from speakerid.data.shardset import ShardSet, assign_streams
-from speakerid.data.stages import Pool, Utterance, apply_quota, group_tuples, interleave, parse
+from speakerid.data.stages import Batcher, Stage, apply_quota, group_tuples, interleave, parse, run_stages
 from speakerid.errors import SpeakeridError
-
-log = logging.getLogger("speakerid.data")
 
 # voxceleb_trainer's option names, accepted wherever a BatchConfig is built from a dict.
 ALIASES = {"batch_size": "n_speakers", "nPerSpeaker": "utts_per_speaker", "nDataLoaderThread": "workers"}
@@ -149,38 +148,32 @@ class TrainStream:
                 "speakers: lower n_speakers (batch_size), use fewer ranks × workers, or re-pack into more shards"
             )
 
+    def stages(self, rng: np.random.Generator, pass_number: int, failures: ShardFailures,
+               batcher: Batcher) -> list[Stage]:
+        """One pass of the reader, in order: each stage takes what the one above it yields."""
+        config, faults = self.config, self.faults
+        return [
+            # shard URLs → samples, from up to open_shards shards at once (a random one each time)
+            partial(interleave, open_shards=config.open_shards, rng=rng, faults=faults, failures=failures,
+                    io_timeout=self.shards.io_timeout),
+            # → Utterance (a wav crop is cut here, a flac member waits for emission)
+            partial(parse, encoding=self.shards.encoding, crop_samples=config.crop_samples, rng=rng,
+                    pass_number=pass_number, faults=faults),
+            partial(apply_quota, quota=self.plan.quota),  # at most max_seg_per_spk utterances of a speaker
+            partial(group_tuples, m=config.utts_per_speaker),  # → M-tuples of one speaker
+            partial(batcher, rng=rng, pass_number=pass_number),  # → pool → batches of N speakers, crops decoded
+        ]
+
     def batches(self, skip: int = 0) -> Iterator[dict]:
         """Batches of this stream, the first ``skip`` drawn without decoding and not yielded."""
-        config = self.config
-        pool = Pool()
-        emitted = 0
-        failures = ShardFailures(config.shard_retries)
-
-        def drain(rng: np.random.Generator, pass_number: int, min_pool: float) -> Iterator[dict]:
-            """Draw batches while the pool holds min_pool tuples of at least N speakers."""
-            nonlocal emitted
-            while pool.size >= min_pool and pool.speakers >= config.n_speakers:
-                decode = emitted >= skip
-                batch = self._draw(pool, rng, pass_number, decode=decode)
-                if batch is None:
-                    return
-                emitted += 1
-                if decode:
-                    yield batch
-
-        for pass_number in range(2**62):
-            rng = np.random.default_rng([config.seed, self.stream, self.n_streams, pass_number])
-            order = rng.permutation(self.plan.shards)
-            urls = [self.shards.urls[i] for i in order]
-            samples = interleave(urls, config.open_shards, rng, self.faults, failures, self.shards.io_timeout)
-            utterances = apply_quota(parse(samples, self.shards.encoding, config.crop_samples, rng, pass_number,
-                                           self.faults), self.plan.quota)
-            drawn = emitted
-            for t in group_tuples(utterances, config.utts_per_speaker):
-                pool.add(t)
-                yield from drain(rng, pass_number, config.pool_factor * config.n_speakers)
-            yield from drain(rng, pass_number, 0)  # the pass is over: draw what it allows, carry the rest
-            if emitted == drawn:  # a whole readable pass always gives a batch: without one, the next would not either
+        failures = ShardFailures(self.config.shard_retries)  # failures in a row of a shard, across passes
+        batcher = Batcher(self.config, self.stream, self.faults, skip)  # its pool carries tuples across passes
+        for pass_number in itertools.count():
+            rng = np.random.default_rng([self.config.seed, self.stream, self.n_streams, pass_number])
+            urls = [self.shards.urls[i] for i in rng.permutation(self.plan.shards)]
+            drawn = batcher.drawn
+            yield from run_stages(self.stages(rng, pass_number, failures, batcher), urls)
+            if batcher.drawn == drawn:  # a whole readable pass always gives a batch: without one, the next would not either
                 self._no_batch_in_a_pass(urls, failures.last)
 
     def _no_batch_in_a_pass(self, urls: list[str], last_failure: ShardUnavailable | None) -> None:
@@ -192,52 +185,6 @@ class TrainStream:
             + (f"; the last failure: {last_failure}" if last_failure else "") + "): check that the shards can be "
             "read (`python -m shardify verify`, the server or pipe: command)"
         )
-
-    def _crop(self, utt: Utterance, decode: bool) -> object:
-        """The utterance's int16 crop (a flac member is decoded here); None, counted, when it does not decode.
-
-        Skipping (decode=False) still decodes flac crops without a checksum, so a skipped batch drops exactly
-        the tuples a decoded one drops; a member whose crc32 the parser verified is taken as sound."""
-        if isinstance(utt.payload, np.ndarray) or (utt.checked and not decode):
-            return utt.payload
-        try:
-            return read_crop(utt.payload, "flac", utt.samples, self.config.crop_samples, utt.u)
-        except (ValueError, RuntimeError) as error:
-            if utt.checked:  # skipping would have kept it: dropping it here would make resume inexact
-                raise SpeakeridError(f"{utt.key}: member passes its crc32 but does not decode ({error}); "
-                                     "find such members with `shardify verify --decode` and re-pack") from error
-            self.faults.corrupt_members += 1
-            log.warning("%s: skipping an undecodable member: %s", utt.key, error)
-            return None
-
-    def _draw(self, pool: Pool, rng: np.random.Generator, pass_number: int, decode: bool) -> dict | None:
-        n, m, length = self.config.n_speakers, self.config.utts_per_speaker, self.config.crop_samples
-        chosen: list[list[Utterance]] = []
-        crops = np.empty((n, m, length), dtype=np.int16) if decode else None
-        for label in pool.draw_order(rng, pass_number):
-            t = pool.pop(label)
-            tuple_crops = [self._crop(utt, decode) for utt in t]
-            if any(crop is None for crop in tuple_crops):  # a member that does not decode: drop the tuple
-                continue
-            if decode:
-                crops[len(chosen)] = np.stack(tuple_crops)
-            chosen.append(t)
-            if len(chosen) == n:
-                break
-        if len(chosen) < n:  # undecodable members left too few speakers: put the good tuples back
-            for t in chosen:
-                pool.tuples.setdefault(t[0].label, deque()).appendleft(t)
-                pool.size += 1
-            return None
-        return {
-            "audio": torch.from_numpy(crops) if decode else None,
-            "labels": torch.tensor([t[0].label for t in chosen], dtype=torch.long),
-            "keys": [[u.key for u in t] for t in chosen],
-            "tuple_passes": [t[0].pass_number for t in chosen],  # the pass each tuple was read in
-            "stream": self.stream,
-            "pass": pass_number,
-            "faults": self.faults.as_dict(),
-        }
 
 
 # ---------------------------------------------------------------------------------------------- DataLoader

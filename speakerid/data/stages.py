@@ -8,19 +8,27 @@ waiting for a batch of N distinct speakers).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
+import torch
 
 from speakerid.audio import read_crop
 from speakerid.data.index import member_intact
 from speakerid.data.shardio import DEFAULT_IO_TIMEOUT, Faults, ShardFailures, ShardUnavailable, read_shard
+from speakerid.errors import SpeakeridError
+
+if TYPE_CHECKING:
+    from speakerid.data.batches import BatchConfig
 
 log = logging.getLogger("speakerid.data")
+
+Stage = Callable[[Iterator], Iterator]  # one step of the reader: takes the previous step's items, yields its own
 
 
 @dataclass
@@ -141,3 +149,91 @@ class Pool:
             del self.tuples[label]
         self.size -= 1
         return t
+
+    def put_back(self, t: list[Utterance]) -> None:
+        """Return a popped tuple to the front of its speaker's queue."""
+        self.tuples.setdefault(t[0].label, deque()).appendleft(t)
+        self.size += 1
+
+
+class Batcher:
+    """The last stage: M-tuples → pool → batches of N distinct speakers, crops decoded at emission.
+
+    The pool and the count of drawn batches live across passes: tuples left when a pass ends are drawn first in
+    the next. The first ``skip`` batches are drawn without decoding and not yielded (resume skips ahead this way).
+    """
+
+    def __init__(self, config: BatchConfig, stream: int, faults: Faults, skip: int = 0) -> None:
+        self.config, self.stream, self.faults, self.skip = config, stream, faults, skip
+        self.pool = Pool()
+        self.drawn = 0
+
+    def __call__(self, tuples: Iterator[list[Utterance]], rng: np.random.Generator,
+                 pass_number: int) -> Iterator[dict]:
+        for t in tuples:
+            self.pool.add(t)
+            yield from self._drain(rng, pass_number, self.config.pool_factor * self.config.n_speakers)
+        yield from self._drain(rng, pass_number, 0)  # the pass is over: draw what it allows, carry the rest
+
+    def _drain(self, rng: np.random.Generator, pass_number: int, min_pool: float) -> Iterator[dict]:
+        """Draw batches while the pool holds min_pool tuples of at least N speakers."""
+        while self.pool.size >= min_pool and self.pool.speakers >= self.config.n_speakers:
+            decode = self.drawn >= self.skip
+            batch = self.draw(rng, pass_number, decode=decode)
+            if batch is None:
+                return
+            self.drawn += 1
+            if decode:
+                yield batch
+
+    def crop(self, utt: Utterance, decode: bool) -> object:
+        """The utterance's int16 crop (a flac member is decoded here); None, counted, when it does not decode.
+
+        Skipping (decode=False) still decodes flac crops without a checksum, so a skipped batch drops exactly
+        the tuples a decoded one drops; a member whose crc32 the parser verified is taken as sound."""
+        if isinstance(utt.payload, np.ndarray) or (utt.checked and not decode):
+            return utt.payload
+        try:
+            return read_crop(utt.payload, "flac", utt.samples, self.config.crop_samples, utt.u)
+        except (ValueError, RuntimeError) as error:
+            if utt.checked:  # skipping would have kept it: dropping it here would make resume inexact
+                raise SpeakeridError(f"{utt.key}: member passes its crc32 but does not decode ({error}); "
+                                     "find such members with `shardify verify --decode` and re-pack") from error
+            self.faults.corrupt_members += 1
+            log.warning("%s: skipping an undecodable member: %s", utt.key, error)
+            return None
+
+    def draw(self, rng: np.random.Generator, pass_number: int, decode: bool) -> dict | None:
+        """One batch from the pool; None (the pool unchanged but for dropped tuples) when too few speakers decode."""
+        pool = self.pool
+        n, m, length = self.config.n_speakers, self.config.utts_per_speaker, self.config.crop_samples
+        chosen: list[list[Utterance]] = []
+        crops = np.empty((n, m, length), dtype=np.int16) if decode else None
+        for label in pool.draw_order(rng, pass_number):
+            t = pool.pop(label)
+            tuple_crops = [self.crop(utt, decode) for utt in t]
+            if any(crop is None for crop in tuple_crops):  # a member that does not decode: drop the tuple
+                continue
+            if decode:
+                crops[len(chosen)] = np.stack(tuple_crops)
+            chosen.append(t)
+            if len(chosen) == n:
+                break
+        if len(chosen) < n:  # undecodable members left too few speakers: put the good tuples back
+            for t in chosen:
+                pool.put_back(t)
+            return None
+        return {
+            "audio": torch.from_numpy(crops) if decode else None,
+            "labels": torch.tensor([t[0].label for t in chosen], dtype=torch.long),
+            "keys": [[u.key for u in t] for t in chosen],
+            "tuple_passes": [t[0].pass_number for t in chosen],  # the pass each tuple was read in
+            "stream": self.stream,
+            "pass": pass_number,
+            "faults": self.faults.as_dict(),
+        }
+
+
+def run_stages(stages: list[Stage], source: Iterable) -> Iterator:
+    """Feed ``source`` through ``stages`` in order (webdataset's DataPipeline.iterator1, without its extras)."""
+    return functools.reduce(lambda items, stage: stage(items), stages, source)
