@@ -150,7 +150,7 @@ class TrainStream:
 
     def stages(self, rng: np.random.Generator, pass_number: int, failures: ShardFailures,
                batcher: Batcher) -> list[Stage]:
-        """One pass of the reader, in order: each stage takes what the one above it yields."""
+        """One pass of the reader, in order: each stage takes what the one above it yields; add a stage here."""
         config, faults = self.config, self.faults
         return [
             # shard URLs → samples, from up to open_shards shards at once (a random one each time)

@@ -1,9 +1,10 @@
 """Reader stages: each takes an iterator and yields the next kind of item (WeSpeaker's processor chain).
 
-TrainStream (speakerid.data.batches) chains them, pass after pass: shard URLs → :func:`interleave` (K shards
-read at once, via speakerid.data.shardio) → :func:`parse` (member bytes → :class:`Utterance`) →
-:func:`apply_quota` (max_seg_per_spk) → :func:`group_tuples` (M-tuples of a speaker) → :class:`Pool` (tuples
-waiting for a batch of N distinct speakers).
+In the order :meth:`TrainStream.stages <speakerid.data.batches.TrainStream.stages>` lists them for one pass:
+shard URLs → :func:`interleave` (K shards read at once, through speakerid.data.shardio) → :func:`parse`
+(member bytes → :class:`Utterance`) → :func:`apply_quota` (max_seg_per_spk) → :func:`group_tuples` (M-tuples of
+a speaker) → :class:`Batcher` (a :class:`Pool` of tuples → batches of N distinct speakers, crops decoded last).
+:func:`run_stages` feeds a source through such a list; a new stage is a function here and one entry there.
 """
 
 from __future__ import annotations
