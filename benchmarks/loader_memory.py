@@ -96,10 +96,11 @@ def replay_peaks(shards: ShardSet, config: BatchConfig, workers: int, n_batches:
     Each worker's stream is replayed in this process without decoding (``batches(skip=…)`` makes the same
     draws), with Pool.add and group_tuples wrapped to record their sizes; restored afterwards.
     """
-    from speakerid.data import batches as module
+    from speakerid.data import batches as module  # group_tuples is wrapped where TrainStream.stages looks it up
+    from speakerid.data.stages import Pool
 
     peaks = {"pool": 0, "partials": 0}
-    stock_add, stock_group = module.Pool.add, module.group_tuples
+    stock_add, stock_group = Pool.add, module.group_tuples
 
     def add(self, t) -> None:
         stock_add(self, t)
@@ -118,13 +119,13 @@ def replay_peaks(shards: ShardSet, config: BatchConfig, workers: int, n_batches:
             state["out"] += 1
             yield t
 
-    module.Pool.add, module.group_tuples = add, group
+    Pool.add, module.group_tuples = add, group
     try:
         streams = max(1, workers)
         for stream in range(streams):
             next(module.TrainStream(shards, config, stream, streams).batches(skip=math.ceil(n_batches / streams) + 1))
     finally:
-        module.Pool.add, module.group_tuples = stock_add, stock_group
+        Pool.add, module.group_tuples = stock_add, stock_group
     return peaks
 
 
@@ -132,7 +133,7 @@ BATCH_BUFFERS = 3  # crops being filled + the previous batch + its shared-memory
 
 
 def memory_model(config: BatchConfig, encoding: str, member_bytes: float, idle_mb: float, peaks: dict) -> dict:
-    """speakerid's resident bytes per worker, from batches.py's data structures.
+    """speakerid's resident bytes per worker, from the reader stages' data structures.
 
       idle      a worker before it reads anything (interpreter, torch, numpy; measured)
       pool      P tuples × M utterances: P ≥ ⌈pool_factor·N⌉, and more while the pool holds < N distinct speakers

@@ -175,9 +175,9 @@ def profile_reader(shards: ShardSet, config: BatchConfig, n_batches: int, consol
         return sum(v[3] for (file, _, fn), v in stats.stats.items() if file.endswith(file_end) and fn == name)
 
     tar = cumulative("tariterators.py", "tar_file_iterator")
-    interleaved = cumulative("batches.py", "interleave")
-    parsed = cumulative("batches.py", "parse")
-    drawn = cumulative("batches.py", "_draw")
+    interleaved = cumulative("stages.py", "interleave")
+    parsed = cumulative("stages.py", "parse")
+    drawn = cumulative("stages.py", "draw")
     stages = {"tar reading (webdataset tar_file_iterator → tarfile 'r|*')": tar,
               "rest of read_shard + interleave": interleaved - tar, "parse (json, wav_pcm, wav crop)": parsed - interleaved,
               "_draw (draw order, flac decode, copy into the batch)": drawn,

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from speakerid.audio import MIN_SECONDS, decode, read_audio
-from speakerid.data.batches import Faults, read_shard
+from speakerid.data.shardio import Faults, read_shard
 from speakerid.data.eval_reader import AudioTree, EvalConfig, eval_crops, eval_loader
 from speakerid.data.index import write_json_atomic
 from speakerid.data.lists import (MAX_LISTED, Trial, read_eval_list, read_trials, scan_audio_tree, speaker_of,

@@ -32,7 +32,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from speakerid.config import Config, diff_configs, save_config
-from speakerid.data.batches import EpochMeter, batches_per_epoch, train_loader, usable_utterances
+from speakerid.data.batches import batches_per_epoch, train_loader, usable_utterances
+from speakerid.data.meter import EpochMeter
 from speakerid.data.shardset import ShardSet
 from speakerid.errors import SpeakeridError
 from speakerid.features import int16_to_float

@@ -23,10 +23,11 @@ import torch
 
 from speakerid.audio import crop_start, wrap_pad
 from speakerid.data.batch_config import BatchConfig
-from speakerid.data.batches import Pool, TrainStream, Utterance, batches_per_epoch, train_loader, usable_utterances
+from speakerid.data.batches import TrainStream, batches_per_epoch, train_loader, usable_utterances
 from speakerid.data.lists import read_train_list, utterance_key
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.shardset import ShardSet, assign_streams
+from speakerid.data.stages import Batcher, Utterance
 from speakerid.data.writer import pack
 from speakerid.errors import SpeakeridError
 from tests.conftest import REPO
@@ -143,14 +144,14 @@ def test_skip_ahead_equals_iterate_and_discard(flac_shards, start):
 def test_skipped_batches_are_not_decoded(flac_shards):
     stream = TrainStream(ShardSet.open(flac_shards), CONFIG, 0, 1)
     calls = Counter()
-    import speakerid.data.batches as batches_module
+    import speakerid.data.stages as stages_module
 
-    original = batches_module.read_crop
+    original = stages_module.read_crop
     try:
-        batches_module.read_crop = lambda *a, **k: calls.update(["decode"]) or original(*a, **k)
+        stages_module.read_crop = lambda *a, **k: calls.update(["decode"]) or original(*a, **k)
         next(stream.batches(skip=10))
     finally:
-        batches_module.read_crop = original
+        stages_module.read_crop = original
     assert calls["decode"] == CONFIG.n_speakers * CONFIG.utts_per_speaker  # the yielded batch only
 
 
@@ -280,10 +281,11 @@ def test_skipping_drops_the_same_undecodable_tuples_as_decoding(flac_shards, tmp
 
 def test_every_undecodable_member_of_a_tuple_is_counted(flac_shards):
     stream = TrainStream(ShardSet.open(flac_shards), CONFIG, 0, 1)
-    pool = Pool()
+    batcher = Batcher(CONFIG, stream.stream, stream.faults)
+    pool = batcher.pool
     good = np.zeros(CONFIG.crop_samples, dtype=np.int16)
     for label in range(3):
         pool.add([Utterance(f"good{label}/{j}", label, 99999, 0.5, good, 0) for j in range(2)])
     pool.add([Utterance(f"bad/{j}", 7, 99999, 0.5, b"not a flac file", 0) for j in range(2)])
-    assert stream._draw(pool, np.random.default_rng(0), 0, decode=True) is None  # 3 good speakers < N = 4
+    assert batcher.draw(np.random.default_rng(0), 0, decode=True) is None  # 3 good speakers < N = 4
     assert stream.faults.corrupt_members == 2 and pool.size == 3  # both bad members counted, good tuples kept

@@ -11,9 +11,10 @@ import soundfile
 import torch
 
 from speakerid.data.batch_config import BatchConfig
-from speakerid.data.batches import EpochMeter, train_loader, usable_utterances
+from speakerid.data.batches import train_loader, usable_utterances
 from speakerid.data.eval_reader import AudioTree, EvalConfig, EvalUtterances, eval_crops, eval_loader
 from speakerid.data.lists import entries_from_trials, scan_audio_tree, utterance_key
+from speakerid.data.meter import EpochMeter
 from speakerid.data.noise import NoiseBank
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.shardset import ShardSet

@@ -1,7 +1,8 @@
 """Training batches of N distinct speakers × M utterances, streamed from shards.
 
-Every (rank, DataLoader worker) pair is one *stream*. A stream owns a fixed share of the shards (balanced
-by utterance count) and walks it pass after pass, without end:
+Every (rank, DataLoader worker) pair is one *stream* (:class:`TrainStream`). A stream owns a fixed share of
+the shards (balanced by utterance count) and walks it pass after pass, without end, through the reader
+stages of speakerid.data.stages, listed in order in :meth:`TrainStream.stages`:
 
     shards of the pass (seeded order) → interleave K open shards → parse members → per-speaker quota
     (max_seg_per_spk) → M-tuples per speaker → pool → batches of N distinct speakers → crops (decoded last)
@@ -16,30 +17,22 @@ world size, workers, batch index) and skipping to batch k reads the skipped shar
 
 from __future__ import annotations
 
-import atexit
-import hashlib
-import json
-import logging
+import itertools
 import math
-import multiprocessing
-import os
-import signal
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from speakerid.audio import read_crop
 from speakerid.data.batch_config import BatchConfig
-from speakerid.data.index import member_intact, split_member
+from speakerid.data.loader import TrainLoader, forward_errors
+from speakerid.data.shardio import Faults, ShardFailures, ShardUnavailable
 from speakerid.data.shardset import ShardSet, assign_streams
-from speakerid.data.shardio import DEFAULT_IO_TIMEOUT, ShardFailures, ShardUnavailable, open_shard
-from speakerid.data.tarstream import iter_tar
+from speakerid.data.stages import Batcher, Stage, apply_quota, group_tuples, interleave, parse, run_stages
 from speakerid.errors import SpeakeridError
-
-log = logging.getLogger("speakerid.data")
 
 
 # -------------------------------------------------------------------------------------- planning from the index
@@ -93,169 +86,6 @@ def usable_utterances(index: dict, config: BatchConfig, n_streams: int) -> int:
     return sum((q // m) * m for p in plan_streams(index, config, n_streams) for q in p.quota.values())
 
 
-# ------------------------------------------------------------------------------------------------ stages
-
-
-@dataclass
-class Faults:
-    """Damaged input met by a stream, skipped and counted (never a crash, never a silent loss)."""
-
-    corrupt_members: int = 0
-    damaged_shards: int = 0
-
-    def as_dict(self) -> dict:
-        return {"corrupt_members": self.corrupt_members, "damaged_shards": self.damaged_shards}
-
-
-@dataclass
-class Utterance:
-    key: str
-    label: int
-    samples: int
-    u: float  # the crop position draw, made when the utterance is read
-    payload: object  # wav: the int16 crop, cut at once; flac: the member bytes, decoded at emission
-    pass_number: int
-    checked: bool = False  # its json carries a crc32 the parser verified
-
-
-def read_shard(url: str, faults: Faults, io_timeout: float = DEFAULT_IO_TIMEOUT) -> Iterator[dict]:
-    """One shard's samples as {__key__, __url__, json, <encoding>: bytes}; a damaged tail is counted and skipped.
-
-    A transport failure (see speakerid.data.shardio) raises ShardUnavailable: the caller decides to retry or stop.
-    """
-    stream = open_shard(url, io_timeout)
-    damage = None
-    try:
-        sample: dict = {}
-        for name, data in iter_tar(stream):
-            key, ext = split_member(name)
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            sample["__key__"], sample["__url__"] = key, url
-            sample[ext] = data
-        if sample:
-            yield sample
-    except ValueError as error:  # TarError: a truncated or garbled tar ends this shard early
-        damage = error
-    except OSError as error:  # a local read error (NFS, disk): maybe passing, like a network one
-        raise ShardUnavailable(f"{url}: read error: {error}") from error
-    finally:
-        stream.close()  # a pipe: command that failed raises here: its exit, not the tar, is the cause
-    if damage is not None:
-        faults.damaged_shards += 1
-        log.warning("%s: shard damaged, rest of it skipped: %s", url, damage)
-
-
-def interleave(urls: list[str], open_shards: int, rng: np.random.Generator, faults: Faults,
-               failures: ShardFailures | None = None, io_timeout: float = DEFAULT_IO_TIMEOUT) -> Iterator[dict]:
-    """Read up to ``open_shards`` shards at once, taking each next sample from a random open one.
-
-    A shard whose transport fails is counted as damaged and left for this pass; ``failures`` stops the
-    K-th failure in a row of one shard (across passes) with an error naming it.
-    """
-    failures = failures or ShardFailures()
-    pending = deque(urls)
-    readers = []
-    while pending or readers:
-        while pending and len(readers) < open_shards:
-            url = pending.popleft()
-            readers.append((url, read_shard(url, faults, io_timeout)))
-        i = int(rng.integers(len(readers)))
-        url, reader = readers[i]
-        try:
-            yield next(reader)
-        except StopIteration:
-            readers.pop(i)
-            failures.succeeded(url)
-        except ShardUnavailable as error:
-            readers.pop(i)
-            faults.damaged_shards += 1
-            log.warning("%s (skipped in this pass)", error)
-            failures.failed(url, error)
-
-
-def parse(samples: Iterator[dict], encoding: str, crop_samples: int, rng: np.random.Generator,
-          pass_number: int, faults: Faults) -> Iterator[Utterance]:
-    """Member bytes → Utterance; a wav crop is cut here (a slice, no decoding), flac waits for emission."""
-    for sample in samples:
-        try:
-            meta = json.loads(sample["json"])
-            data = sample[encoding]
-            if not member_intact(meta, data):
-                faults.corrupt_members += 1
-                log.warning("%s in %s: audio bytes fail their crc32, member skipped",
-                            sample["__key__"], sample["__url__"])
-                continue
-            n, label = int(meta["samples"]), int(meta["label"])
-            u = float(rng.random())
-            if encoding == "wav":  # cut the crop now (a slice of the PCM): the pool holds 2·L bytes, not the file
-                payload = read_crop(data, "wav", n, crop_samples, u)
-            else:
-                payload = data
-        except (KeyError, ValueError, TypeError) as error:
-            faults.corrupt_members += 1
-            log.warning("%s: skipping a damaged sample: %r", sample.get("__key__"), error)
-            continue
-        yield Utterance(sample["__key__"], label, n, u, payload, pass_number, checked="crc32" in meta)
-
-
-def apply_quota(utterances: Iterator[Utterance], quota: dict[int, int]) -> Iterator[Utterance]:
-    """At most ``quota[label]`` utterances of a speaker per pass (max_seg_per_spk)."""
-    used: dict[int, int] = defaultdict(int)
-    for utt in utterances:
-        if used[utt.label] < quota.get(utt.label, 0):
-            used[utt.label] += 1
-            yield utt
-
-
-def group_tuples(utterances: Iterator[Utterance], m: int) -> Iterator[list[Utterance]]:
-    """Consecutive utterances of a speaker → M-tuples. Fewer than M left at the pass end are not usable."""
-    partial: dict[int, list[Utterance]] = defaultdict(list)
-    for utt in utterances:
-        group = partial[utt.label]
-        group.append(utt)
-        if len(group) == m:
-            yield list(group)
-            group.clear()
-
-
-class Pool:
-    """Speaker tuples waiting for a batch, by label; older passes' tuples are drawn first."""
-
-    def __init__(self) -> None:
-        self.tuples: dict[int, deque] = {}
-        self.size = 0
-
-    def add(self, t: list[Utterance]) -> None:
-        self.tuples.setdefault(t[0].label, deque()).append(t)
-        self.size += 1
-
-    @property
-    def speakers(self) -> int:
-        return len(self.tuples)
-
-    def draw_order(self, rng: np.random.Generator, current_pass: int) -> list[int]:
-        """Labels in the order to try them: carried-over speakers first, each tier weighted by tuple count."""
-        labels = np.fromiter(self.tuples, dtype=np.int64, count=len(self.tuples))
-        counts = np.array([len(self.tuples[x]) for x in labels], dtype=np.float64)
-        carried = np.array([self.tuples[x][0][0].pass_number < current_pass for x in labels])
-        order = []
-        for tier in (carried, ~carried):
-            if tier.any():
-                p = counts[tier] / counts[tier].sum()
-                order.extend(rng.choice(labels[tier], size=int(tier.sum()), replace=False, p=p).tolist())
-        return order
-
-    def pop(self, label: int) -> list[Utterance]:
-        queue = self.tuples[label]
-        t = queue.popleft()
-        if not queue:
-            del self.tuples[label]
-        self.size -= 1
-        return t
-
-
 # -------------------------------------------------------------------------------------------------- stream
 
 
@@ -278,38 +108,32 @@ class TrainStream:
                 "speakers: lower n_speakers (batch_size), use fewer ranks × workers, or re-pack into more shards"
             )
 
+    def stages(self, rng: np.random.Generator, pass_number: int, failures: ShardFailures,
+               batcher: Batcher) -> list[Stage]:
+        """One pass of the reader, in order: each stage takes what the one above it yields; add a stage here."""
+        config, faults = self.config, self.faults
+        return [
+            # shard URLs → samples, from up to open_shards shards at once (a random one each time)
+            partial(interleave, open_shards=config.open_shards, rng=rng, faults=faults, failures=failures,
+                    io_timeout=self.shards.io_timeout),
+            # → Utterance (a wav crop is cut here, a flac member waits for emission)
+            partial(parse, encoding=self.shards.encoding, crop_samples=config.crop_samples, rng=rng,
+                    pass_number=pass_number, faults=faults),
+            partial(apply_quota, quota=self.plan.quota),  # at most max_seg_per_spk utterances of a speaker
+            partial(group_tuples, m=config.utts_per_speaker),  # → M-tuples of one speaker
+            partial(batcher, rng=rng, pass_number=pass_number),  # → pool → batches of N speakers, crops decoded
+        ]
+
     def batches(self, skip: int = 0) -> Iterator[dict]:
         """Batches of this stream, the first ``skip`` drawn without decoding and not yielded."""
-        config = self.config
-        pool = Pool()
-        emitted = 0
-        failures = ShardFailures(config.shard_retries)
-
-        def drain(rng: np.random.Generator, pass_number: int, min_pool: float) -> Iterator[dict]:
-            """Draw batches while the pool holds min_pool tuples of at least N speakers."""
-            nonlocal emitted
-            while pool.size >= min_pool and pool.speakers >= config.n_speakers:
-                decode = emitted >= skip
-                batch = self._draw(pool, rng, pass_number, decode=decode)
-                if batch is None:
-                    return
-                emitted += 1
-                if decode:
-                    yield batch
-
-        for pass_number in range(2**62):
-            rng = np.random.default_rng([config.seed, self.stream, self.n_streams, pass_number])
-            order = rng.permutation(self.plan.shards)
-            urls = [self.shards.urls[i] for i in order]
-            samples = interleave(urls, config.open_shards, rng, self.faults, failures, self.shards.io_timeout)
-            utterances = apply_quota(parse(samples, self.shards.encoding, config.crop_samples, rng, pass_number,
-                                           self.faults), self.plan.quota)
-            drawn = emitted
-            for t in group_tuples(utterances, config.utts_per_speaker):
-                pool.add(t)
-                yield from drain(rng, pass_number, config.pool_factor * config.n_speakers)
-            yield from drain(rng, pass_number, 0)  # the pass is over: draw what it allows, carry the rest
-            if emitted == drawn:  # a whole readable pass always gives a batch: without one, the next would not either
+        failures = ShardFailures(self.config.shard_retries)  # failures in a row of a shard, across passes
+        batcher = Batcher(self.config, self.stream, self.faults, skip)  # its pool carries tuples across passes
+        for pass_number in itertools.count():
+            rng = np.random.default_rng([self.config.seed, self.stream, self.n_streams, pass_number])
+            urls = [self.shards.urls[i] for i in rng.permutation(self.plan.shards)]
+            drawn = batcher.drawn
+            yield from run_stages(self.stages(rng, pass_number, failures, batcher), urls)
+            if batcher.drawn == drawn:  # a whole readable pass always gives a batch: without one, the next would not either
                 self._no_batch_in_a_pass(urls, failures.last)
 
     def _no_batch_in_a_pass(self, urls: list[str], last_failure: ShardUnavailable | None) -> None:
@@ -321,52 +145,6 @@ class TrainStream:
             + (f"; the last failure: {last_failure}" if last_failure else "") + "): check that the shards can be "
             "read (`python -m shardify verify`, the server or pipe: command)"
         )
-
-    def _crop(self, utt: Utterance, decode: bool) -> object:
-        """The utterance's int16 crop (a flac member is decoded here); None, counted, when it does not decode.
-
-        Skipping (decode=False) still decodes flac crops without a checksum, so a skipped batch drops exactly
-        the tuples a decoded one drops; a member whose crc32 the parser verified is taken as sound."""
-        if isinstance(utt.payload, np.ndarray) or (utt.checked and not decode):
-            return utt.payload
-        try:
-            return read_crop(utt.payload, "flac", utt.samples, self.config.crop_samples, utt.u)
-        except (ValueError, RuntimeError) as error:
-            if utt.checked:  # skipping would have kept it: dropping it here would make resume inexact
-                raise SpeakeridError(f"{utt.key}: member passes its crc32 but does not decode ({error}); "
-                                     "find such members with `shardify verify --decode` and re-pack") from error
-            self.faults.corrupt_members += 1
-            log.warning("%s: skipping an undecodable member: %s", utt.key, error)
-            return None
-
-    def _draw(self, pool: Pool, rng: np.random.Generator, pass_number: int, decode: bool) -> dict | None:
-        n, m, length = self.config.n_speakers, self.config.utts_per_speaker, self.config.crop_samples
-        chosen: list[list[Utterance]] = []
-        crops = np.empty((n, m, length), dtype=np.int16) if decode else None
-        for label in pool.draw_order(rng, pass_number):
-            t = pool.pop(label)
-            tuple_crops = [self._crop(utt, decode) for utt in t]
-            if any(crop is None for crop in tuple_crops):  # a member that does not decode: drop the tuple
-                continue
-            if decode:
-                crops[len(chosen)] = np.stack(tuple_crops)
-            chosen.append(t)
-            if len(chosen) == n:
-                break
-        if len(chosen) < n:  # undecodable members left too few speakers: put the good tuples back
-            for t in chosen:
-                pool.tuples.setdefault(t[0].label, deque()).appendleft(t)
-                pool.size += 1
-            return None
-        return {
-            "audio": torch.from_numpy(crops) if decode else None,
-            "labels": torch.tensor([t[0].label for t in chosen], dtype=torch.long),
-            "keys": [[u.key for u in t] for t in chosen],
-            "tuple_passes": [t[0].pass_number for t in chosen],  # the pass each tuple was read in
-            "stream": self.stream,
-            "pass": pass_number,
-            "faults": self.faults.as_dict(),
-        }
 
 
 # ---------------------------------------------------------------------------------------------- DataLoader
@@ -405,133 +183,8 @@ class TrainBatches(torch.utils.data.IterableDataset):
         yield from forward_errors(stream.batches(skip))
 
 
-def forward_errors(batches: Iterator[dict]) -> Iterator[dict]:
-    """Worker side of ReaderLoader: a SpeakeridError becomes a last {"error": message} item."""
-    try:
-        yield from batches
-    except SpeakeridError as error:
-        if torch.utils.data.get_worker_info() is None:
-            raise
-        yield {"error": str(error)}  # raised, torch would wrap it in the worker's traceback
-
-
-class ReaderLoader(torch.utils.data.DataLoader):
-    """A DataLoader whose workers' errors reach the caller as the one clear message they were raised with."""
-
-    iterator = None  # torch's iterator of the latest __iter__ (TrainLoader.close shuts its workers down)
-
-    def __iter__(self) -> Iterator[dict]:
-        self.iterator = super().__iter__()
-        return _raise_worker_errors(self.iterator)
-
-
-def _raise_worker_errors(batches: Iterator[dict]) -> Iterator[dict]:
-    for batch in batches:
-        if "error" in batch:
-            raise SpeakeridError(batch["error"])
-        yield batch
-
-
-class WorkerSignals:
-    """DataLoader workers leave SIGTERM/SIGINT/SIGUSR1 to the main process until it closes the loader.
-
-    A cluster signals the whole process group (Slurm, Kubernetes, Ctrl-C, the launcher's forwarding): a worker
-    that died of it would take the run down before the main process saved its checkpoint. Once the loader is
-    closing, the signal ends the worker as usual, so the DataLoader's own terminate() still works.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.closing = multiprocessing.RawValue("b", 0)  # shared with the forked workers, read in a signal handler
-
-    def __call__(self, worker_id: int) -> None:  # the DataLoader's worker_init_fn
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.closing.value:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-    def close(self) -> None:
-        self.closing.value = 1
-
-
-class TrainLoader(ReaderLoader):
-    """The DataLoader of the training batches; ``close()`` stops its workers, even one stuck on a dead server."""
-
-    def __init__(self, dataset: TrainBatches, *, workers: int, pin_memory: bool) -> None:
-        self.worker_signals = WorkerSignals()
-        super().__init__(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
-                         worker_init_fn=self.worker_signals if workers > 0 else None)
-        atexit.register(self.worker_signals.close)  # runs before multiprocessing's own exit handler terminates them
-
-    def close(self) -> None:
-        self.worker_signals.close()
-        shutdown = getattr(self.iterator, "_shutdown_workers", None)  # torch has no public close for an iterator
-        if shutdown is not None:
-            shutdown()
-
-
 def train_loader(shards: ShardSet, config: BatchConfig, *, rank: int = 0, world_size: int = 1, workers: int = 0,
                  start_batch: int = 0, pin_memory: bool = False) -> TrainLoader:
     """A DataLoader over whole batches assembled in the workers (batch_size=None: no collation)."""
     dataset = TrainBatches(shards, config, rank=rank, world_size=world_size, workers=workers, start_batch=start_batch)
     return TrainLoader(dataset, workers=workers, pin_memory=pin_memory)
-
-
-class EpochMeter:
-    """Per-epoch coverage (share of usable utterances seen) and faults, from the batches a rank consumed.
-
-    Faults are cumulative per stream in each batch; the epoch's count is the growth of their sum. Utterance keys
-    are kept as 64-bit hashes (8 bytes each) so the state a checkpoint saves stays small at VoxCeleb scale.
-    """
-
-    def __init__(self, usable: int) -> None:
-        self.usable = usable
-        self.seen: set[int] = set()
-        self.crops = 0
-        self._faults_at: dict[int, dict] = {}
-        self._faults_start: dict[int, dict] = {}
-
-    def update(self, batch: dict) -> None:
-        for t in batch["keys"]:
-            self.seen.update(key_hash(k) for k in t)
-            self.crops += len(t)
-        self._faults_at[batch["stream"]] = batch["faults"]
-
-    def report(self) -> dict:
-        faults = {k: sum(f[k] - self._faults_start.get(s, {}).get(k, 0) for s, f in self._faults_at.items())
-                  for k in ("corrupt_members", "damaged_shards")}
-        return {"coverage": len(self.seen) / max(1, self.usable), "utterances_seen": len(self.seen),
-                "usable": self.usable, "crops": self.crops, **faults}
-
-    def next_epoch(self) -> None:
-        self.seen.clear()
-        self.crops = 0
-        self._faults_start = {s: dict(f) for s, f in self._faults_at.items()}
-
-    def save(self, path) -> None:
-        """The epoch so far as safetensors (hashes) + JSON metadata: a resumed run reports the whole epoch."""
-        from safetensors.numpy import save_file
-
-        state = {"crops": self.crops, "faults_at": self._faults_at, "faults_start": self._faults_start}
-        seen = np.fromiter(sorted(self.seen), dtype=np.uint64, count=len(self.seen))
-        save_file({"seen": seen}, str(path), metadata={"state": json.dumps(state)})
-
-    def load(self, path) -> None:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "np") as f:
-            state = json.loads(f.metadata()["state"])
-            self.seen = set(f.get_tensor("seen").tolist())
-        self.crops = state["crops"]
-        self._faults_at = {int(s): f for s, f in state["faults_at"].items()}  # JSON keys are strings
-        self._faults_start = {int(s): f for s, f in state["faults_start"].items()}
-
-
-def key_hash(key: str) -> int:
-    """A stable 64-bit hash of an utterance key (Python's hash() changes between processes)."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")

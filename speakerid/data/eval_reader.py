@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from speakerid.audio import decode, read_audio, wrap_pad
-from speakerid.data.batches import Faults, ReaderLoader, forward_errors, read_shard
 from speakerid.data.index import member_intact
 from speakerid.data.lists import utterance_key
+from speakerid.data.loader import ReaderLoader, forward_errors
+from speakerid.data.shardio import Faults, read_shard
 from speakerid.data.shardset import ShardSet, assign_streams
 from speakerid.errors import SpeakeridError
 

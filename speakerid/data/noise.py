@@ -23,9 +23,8 @@ import numpy as np
 import torch
 
 from speakerid.audio import decode, wrap_pad
-from speakerid.data.batches import Faults, read_shard
 from speakerid.data.index import member_intact
-from speakerid.data.shardio import ShardFailures, ShardUnavailable
+from speakerid.data.shardio import Faults, ShardFailures, ShardUnavailable, read_shard
 from speakerid.data.shardset import ShardSet
 from speakerid.errors import SpeakeridError
 

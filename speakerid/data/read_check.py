@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from speakerid.data.batch_config import BatchConfig
-from speakerid.data.batches import EpochMeter, train_loader, usable_utterances
+from speakerid.data.batches import train_loader, usable_utterances
+from speakerid.data.meter import EpochMeter
 from speakerid.data.shardset import ShardSet
 
 

@@ -1,9 +1,12 @@
-"""Opening shards for reading: local paths, ``pipe:`` commands and http(s) URLs, every remote wait bounded.
+"""Shard I/O: every reader of shards (training, evaluation, cohort, noise bank) opens and iterates them here.
 
-A remote shard that sends no byte for ``io_timeout`` seconds (a dead or stopped server, a stalled command)
-raises :class:`ShardUnavailable` naming the URL; so do a refused connection, an HTTP error, a connection
-cut mid-shard and a ``pipe:`` command that exits non-zero. There is no limit on a whole shard: big shards on
+:func:`open_shard` opens local paths, ``pipe:`` commands and http(s) URLs, every remote wait bounded: a remote
+shard that sends no byte for ``io_timeout`` seconds (a dead or stopped server, a stalled command) raises
+:class:`ShardUnavailable` naming the URL; so do a refused connection, an HTTP error, a connection cut
+mid-shard and a ``pipe:`` command that exits non-zero. There is no limit on a whole shard: big shards on
 slow links are fine as long as bytes keep coming. A stalled command's process group is killed.
+:func:`read_shard` iterates one shard's members grouped into samples (the tar format itself is parsed by
+speakerid.data.tarstream); a damaged tail is skipped and counted in :class:`Faults`.
 :class:`ShardFailures` turns repeated failures of one shard into an error instead of endless retries.
 """
 
@@ -11,16 +14,23 @@ from __future__ import annotations
 
 import http.client
 import io
+import logging
 import os
 import select
 import signal
 import subprocess
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
+from typing import Iterator
 
 import webdataset as wds
 
+from speakerid.data.index import split_member
+from speakerid.data.tarstream import iter_tar
 from speakerid.errors import SpeakeridError
+
+log = logging.getLogger("speakerid.data")
 
 DEFAULT_IO_TIMEOUT = 60.0  # seconds without a byte from a remote shard
 DEFAULT_SHARD_RETRIES = 3  # failed reads in a row of one shard before it is an error
@@ -147,3 +157,43 @@ class ShardFailures:
 
     def succeeded(self, url: str) -> None:
         self.streak.pop(url, None)
+
+
+@dataclass
+class Faults:
+    """Damaged input met by a stream, skipped and counted (never a crash, never a silent loss)."""
+
+    corrupt_members: int = 0
+    damaged_shards: int = 0
+
+    def as_dict(self) -> dict:
+        return {"corrupt_members": self.corrupt_members, "damaged_shards": self.damaged_shards}
+
+
+def read_shard(url: str, faults: Faults, io_timeout: float = DEFAULT_IO_TIMEOUT) -> Iterator[dict]:
+    """One shard's samples as {__key__, __url__, json, <encoding>: bytes}; a damaged tail is counted and skipped.
+
+    A transport failure (see open_shard) raises ShardUnavailable: the caller decides to retry or stop.
+    """
+    stream = open_shard(url, io_timeout)
+    damage = None
+    try:
+        sample: dict = {}
+        for name, data in iter_tar(stream):
+            key, ext = split_member(name)
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample["__key__"], sample["__url__"] = key, url
+            sample[ext] = data
+        if sample:
+            yield sample
+    except ValueError as error:  # TarError: a truncated or garbled tar ends this shard early
+        damage = error
+    except OSError as error:  # a local read error (NFS, disk): maybe passing, like a network one
+        raise ShardUnavailable(f"{url}: read error: {error}") from error
+    finally:
+        stream.close()  # a pipe: command that failed raises here: its exit, not the tar, is the cause
+    if damage is not None:
+        faults.damaged_shards += 1
+        log.warning("%s: shard damaged, rest of it skipped: %s", url, damage)
