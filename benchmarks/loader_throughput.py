@@ -55,10 +55,10 @@ from common import cat_seconds, machine, page_cache_seconds  # noqa: E402
 
 from speakerid.data.batches import BatchConfig, train_loader  # noqa: E402
 from speakerid.data.lists import read_train_list  # noqa: E402
+from speakerid.data.pack import pack  # noqa: E402
 from speakerid.data.plan import PackConfig, make_plan  # noqa: E402
 from speakerid.data.shardset import ShardSet  # noqa: E402
 from speakerid.data.synthetic import CorpusSpec, generate_corpus  # noqa: E402
-from speakerid.data.writer import pack  # noqa: E402
 
 MB = 1e6
 

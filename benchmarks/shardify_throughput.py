@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, page_cache_seconds  # noqa: E402
 
 from speakerid.data.lists import read_train_list  # noqa: E402
+from speakerid.data.pack import pack  # noqa: E402
 from speakerid.data.plan import PackConfig, make_plan  # noqa: E402
 from speakerid.data.synthetic import CorpusSpec, generate_corpus  # noqa: E402
-from speakerid.data.writer import pack  # noqa: E402
 
 
 def naive_pack(entries, root: Path, out: Path, encoding: str, shard_bytes: int) -> float:

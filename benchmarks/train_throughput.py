@@ -71,10 +71,10 @@ from loader_throughput import SpeakerTupleSampler, load_crop, seed_worker  # noq
 from speakerid.config import load_config  # noqa: E402
 from speakerid.data.batches import BatchConfig, train_loader  # noqa: E402
 from speakerid.data.lists import read_train_list, scan_audio_tree  # noqa: E402
+from speakerid.data.pack import pack  # noqa: E402
 from speakerid.data.plan import PackConfig, make_plan  # noqa: E402
 from speakerid.data.shardset import ShardSet  # noqa: E402
 from speakerid.data.synthetic import CorpusSpec, generate_corpus, speaker_params, synthesize_utterance  # noqa: E402
-from speakerid.data.writer import pack  # noqa: E402
 from speakerid.training import (build_augmenter, build_model_and_loss, build_optimizer,  # noqa: E402
                                 resolve_mixed_precision, training_step)
 

@@ -14,9 +14,9 @@ from speakerid.data.batches import BatchConfig, EpochMeter, train_loader, usable
 from speakerid.data.eval_reader import AudioTree, EvalConfig, EvalUtterances, eval_crops, eval_loader
 from speakerid.data.lists import entries_from_trials, scan_audio_tree, utterance_key
 from speakerid.data.noise import NoiseBank
+from speakerid.data.pack import pack
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.shardset import ShardSet
-from speakerid.data.writer import pack
 from speakerid.errors import SpeakeridError
 
 
