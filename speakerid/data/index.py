@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 import zlib
 from collections import Counter
@@ -24,7 +23,7 @@ from speakerid import __version__
 from speakerid.audio import ENCODINGS, decode
 from speakerid.data.lists import MAX_LISTED
 from speakerid.errors import SpeakeridError
-from speakerid.tempfiles import remove_dead_temporaries
+from speakerid.tempfiles import atomic_write, remove_dead_temporaries
 
 FORMAT = "speakerid-shards"
 VERSION = 1
@@ -35,13 +34,9 @@ LAYOUT = "layout.json.gz"  # in STATE_DIR: the plan's utterances per shard, to r
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write to a temporary name, fsync, rename: readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: Path, fix: str):

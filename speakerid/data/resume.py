@@ -23,6 +23,7 @@ from speakerid.data.index import FORMAT, LAYOUT, STATE_DIR, VERSION, is_finished
 from speakerid.data.lists import MAX_LISTED, utterance_key
 from speakerid.data.plan import Item, PackPlan, plan_digest
 from speakerid.errors import SpeakeridError
+from speakerid.tempfiles import atomic_write
 
 if TYPE_CHECKING:
     from speakerid.data.pack import PackListener
@@ -69,13 +70,8 @@ def claim_directory(out_dir: Path, plan: PackPlan, listener: PackListener) -> Pa
 def _write_layout(path: Path, plan: PackPlan) -> None:
     """Which utterance is in which shard (gzip: VoxCeleb2's is tens of MB of JSON), atomically."""
     layout = [[[i.src, i.spk, i.chunk] for i in items] for items in plan.shards]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as raw:
-        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-            f.write(json.dumps(layout, separators=(",", ":")).encode())
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        f.write(json.dumps(layout, separators=(",", ":")).encode())
 
 
 def _without_lost_utterances(out_dir: Path, plan: PackPlan, existing: dict) -> PackPlan | str:
