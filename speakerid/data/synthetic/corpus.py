@@ -12,7 +12,7 @@ import json
 import math
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -164,6 +164,22 @@ def _chunks(utterances: Sequence[_Utterance], size: int) -> Iterable[list[_Utter
         yield list(utterances[start:start + size])
 
 
+def _synthesise(spec: CorpusSpec, wav_root: str, chunks: list[list[_Utterance]],
+                workers: int) -> Iterator[tuple[int, int]]:
+    """(done, newly written) of each chunk as it finishes: here, or in ``workers`` processes."""
+    if workers <= 1:
+        for chunk in chunks:
+            yield _write_utterances(spec, wav_root, chunk)
+        return
+    # fork: the children inherit the imported module; nothing here touches threads or torch.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [pool.submit(_write_utterances, spec, wav_root, chunk) for chunk in chunks]
+        for future in as_completed(futures):
+            yield future.result()
+
+
 def generate_corpus(out_dir: str | os.PathLike, spec: CorpusSpec = CorpusSpec(), workers: int = 1,
                     progress: Callable[[int], None] | None = None) -> CorpusInfo:
     """Write the corpus under out_dir (wav/, train_list.txt, test_list.txt, trials.txt, corpus.json).
@@ -175,25 +191,11 @@ def generate_corpus(out_dir: str | os.PathLike, spec: CorpusSpec = CorpusSpec(),
     wav_root.mkdir(parents=True, exist_ok=True)
     train, test = plan_corpus(spec)
     utterances = train + test
-    chunks = list(_chunks(utterances, 8))
     n_written = 0
-    if workers <= 1:
-        for chunk in chunks:
-            done, written = _write_utterances(spec, str(wav_root), chunk)
-            n_written += written
-            if progress is not None:
-                progress(done)
-    else:
-        # fork: the children inherit the imported module; nothing here touches threads or torch.
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else None)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = [pool.submit(_write_utterances, spec, str(wav_root), chunk) for chunk in chunks]
-            for future in as_completed(futures):
-                done, written = future.result()
-                n_written += written
-                if progress is not None:
-                    progress(done)
+    for done, written in _synthesise(spec, str(wav_root), list(_chunks(utterances, 8)), workers):
+        n_written += written
+        if progress is not None:
+            progress(done)
 
     train_list = out / "train_list.txt"
     test_list = out / "test_list.txt"
