@@ -20,41 +20,9 @@ from speakerid.data.writer import ShardJob, ShardResult, request_stop, stop_requ
 if TYPE_CHECKING:
     from speakerid.data.pack import PackListener
 
-# Worker-process side of the pool: progress goes back to the parent through a queue.
-_queue = None
-
-
-def _init_worker(queue, parent: int) -> None:
-    global _queue
-    _queue = queue
-    _die_with_parent(parent)
-    stop_requested.clear()
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
-
-def _die_with_parent(parent: int) -> None:
-    """A worker blocked on the pool's task pipe never notices its parent die (kill -9): make it die too."""
-    try:  # Linux: the kernel sends SIGKILL when the parent exits; its temporary is removed by the next run
-        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # 1 = PR_SET_PDEATHSIG
-            raise OSError(ctypes.get_errno(), "prctl")
-    except (OSError, AttributeError):  # not Linux: watch for being re-parented instead
-        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _exit_when_orphaned(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(1)
-
-
-def _write_in_worker(job: ShardJob) -> ShardResult:
-    return write_shard(job, lambda n, b: _queue.put((n, b)))
-
 
 def run_jobs(jobs: list[ShardJob], workers: int, listener: PackListener) -> list[ShardResult]:
+    """Write each job's shard, telling ``listener`` the progress; stops early once a stop is requested."""
     results: list[ShardResult] = []
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
@@ -93,3 +61,37 @@ def _drain(queue, listener: PackListener) -> None:
         except Exception:  # queue.Empty: raced with another reader; nothing more now
             return
         listener.advance(n, b)
+
+
+# Worker-process side of the pool: progress goes back to the parent through a queue.
+_queue = None
+
+
+def _init_worker(queue, parent: int) -> None:
+    global _queue
+    _queue = queue
+    _die_with_parent(parent)
+    stop_requested.clear()
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker blocked on the pool's task pipe never notices its parent die (kill -9): make it die too."""
+    try:  # Linux: the kernel sends SIGKILL when the parent exits; its temporary is removed by the next run
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # 1 = PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):  # not Linux: watch for being re-parented instead
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _write_in_worker(job: ShardJob) -> ShardResult:
+    return write_shard(job, lambda n, b: _queue.put((n, b)))
