@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from speakerid.data.lists import ListEntry, read_train_list, scan_audio_tree
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.synthetic import CorpusInfo, CorpusSpec, generate_corpus, speaker_params, synthesize_utterance
-from speakerid.data.writer import pack
+from speakerid.data.pack import pack
 
 SAMPLE_RATE = 16000
 

@@ -26,7 +26,7 @@ from rich.table import Table
 from common import machine, page_cache_seconds, train_corpus
 
 from speakerid.data.plan import PackConfig, make_plan
-from speakerid.data.writer import pack
+from speakerid.data.pack import pack
 
 
 def naive_pack(entries, root: Path, out: Path, encoding: str, shard_bytes: int) -> float:

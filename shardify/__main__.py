@@ -25,7 +25,7 @@ from rich.table import Table
 from speakerid.audio import MIN_SECONDS
 from speakerid.data.batch_config import BatchConfig, batch_fields
 from speakerid.data import index as shard_index
-from speakerid.data import lists, writer
+from speakerid.data import lists, pack
 from speakerid.data.plan import DEFAULT_SHARD_SIZE, KINDS, PackConfig, make_plan
 from speakerid.errors import SpeakeridError
 
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class RichListener(writer.PackListener):
+class RichListener(pack.PackListener):
     def __init__(self) -> None:
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("utts"),
@@ -149,8 +149,8 @@ def run_pack(args) -> int:
         plan = make_plan(entries, args.root, config, skip_bad=args.skip_bad)
     listener = RichListener()
     try:
-        report = writer.pack(plan, args.root, args.out, workers=args.workers, part=args.part, parts=args.parts,
-                             skip_bad=args.skip_bad, listener=listener)
+        report = pack.pack(plan, args.root, args.out, workers=args.workers, part=args.part, parts=args.parts,
+                           skip_bad=args.skip_bad, listener=listener)
     except KeyboardInterrupt:
         listener.stop()
         console.print(f"[yellow]interrupted[/]: finished shards are kept in {escape(args.out)}; re-run the same command to resume")
@@ -161,7 +161,7 @@ def run_pack(args) -> int:
     return 0
 
 
-def print_pack_summary(report: writer.PackReport) -> None:
+def print_pack_summary(report: pack.PackReport) -> None:
     plan = report.plan
     table = Table(show_header=False, title=f"shardify pack → {plan.config.kind} shards" + (
         f" (part {report.part} of {report.parts})" if report.parts > 1 else ""))
@@ -211,9 +211,9 @@ def run_verify(args) -> int:
 
 def run_merge(args) -> int:
     try:
-        path = writer.write_index(args.shard_dir)
+        path = shard_index.write_index(args.shard_dir)
     except OSError as error:  # a full disk while writing index.json
-        raise writer.write_error(args.shard_dir, error) from error
+        raise pack.write_error(args.shard_dir, error) from error
     totals = shard_index.load_index(args.shard_dir)["totals"]
     console.print(escape(f"merged {totals['shards']} shards, {totals['samples']} utterances → {path}"), highlight=False)
     return 0

@@ -22,9 +22,9 @@ from rich.table import Table
 
 from speakerid.config import load_config
 from speakerid.data.lists import entries_from_trials, read_train_list
+from speakerid.data.pack import pack
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.synthetic import CorpusSpec, generate_corpus
-from speakerid.data.writer import pack
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 DEMO_CORPUS = CorpusSpec(n_speakers=200, utts_per_speaker=10, n_test_speakers=20)  # 1,800 held-out trials

@@ -1,7 +1,8 @@
 """The hidden ``.NAME.tmp-PID[.ext]`` files an atomic write leaves behind when its process is killed mid-write.
 
-Writers put a file under that name, then ``os.replace`` it into place; a kill in between leaves the temporary.
-The next run removes those whose writer no longer runs, and leaves a live writer's file alone.
+Writers put a file under that name, then ``os.replace`` it into place (:func:`atomic_write`); a kill in
+between leaves the temporary. The next run removes those whose writer no longer runs, and leaves a live
+writer's file alone.
 """
 
 from __future__ import annotations
@@ -9,12 +10,26 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 log = logging.getLogger(__name__)
 
 TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(\.[A-Za-z0-9]+)?$")
+
+
+@contextmanager
+def atomic_write(path: Path, mode: str = "w") -> Iterator[IO]:
+    """A file to write ``path`` through: a hidden temporary beside it, fsynced and renamed to ``path`` when the
+    block ends, so readers see the old file or the new one, never half. A block that raises renames nothing."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def pid_running(pid: int) -> bool:

@@ -10,9 +10,9 @@ import torch
 from speakerid.augment import AUG_TYPES, AugmentConfig, Augmenter, fft_length
 from speakerid.data.lists import scan_audio_tree
 from speakerid.data.noise import NoiseBank
+from speakerid.data.pack import pack
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.shardset import ShardSet
-from speakerid.data.writer import pack
 from speakerid.errors import SpeakeridError
 
 L = 3200  # utterance length in samples (the seed uses max_frames·160 + 240)

@@ -16,9 +16,9 @@ from speakerid.data.eval_reader import AudioTree, EvalConfig, EvalUtterances, ev
 from speakerid.data.lists import entries_from_trials, scan_audio_tree, utterance_key
 from speakerid.data.meter import EpochMeter
 from speakerid.data.noise import NoiseBank
+from speakerid.data.pack import pack
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.shardset import ShardSet
-from speakerid.data.writer import pack
 from speakerid.errors import SpeakeridError
 
 

@@ -23,8 +23,8 @@ from conftest import REPO, run_module
 from evaluate.__main__ import main as evaluate_main
 from speakerid.data.eval_reader import eval_crops
 from speakerid.data.lists import entries_from_trials, read_train_list, read_trials, utterance_key
+from speakerid.data.pack import pack
 from speakerid.data.plan import PackConfig, make_plan
-from speakerid.data.writer import pack
 from speakerid.errors import SpeakeridError
 from speakerid.evaluation import (GRID_START, Embedder, Embeddings, ExtractConfig, ScoreConfig, evaluate,
                                   speaker_means, trim_length)

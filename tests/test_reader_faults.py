@@ -26,11 +26,11 @@ from speakerid.data.batches import TrainStream, train_loader
 from speakerid.data.eval_reader import eval_loader
 from speakerid.data.lists import entries_from_trials, read_train_list, scan_audio_tree
 from speakerid.data.noise import NoiseBank
+from speakerid.data.pack import pack
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.shardio import Faults, ShardUnavailable, read_shard
 from speakerid.data.shardset import ShardSet
 from speakerid.data.stages import parse
-from speakerid.data.writer import pack
 from speakerid.errors import SpeakeridError
 from tests.conftest import REPO
 

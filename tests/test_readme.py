@@ -16,7 +16,7 @@ from speakerid.errors import SpeakeridError
 
 REPO = Path(__file__).resolve().parents[1]
 PARSERS = {"shardify": "shardify.__main__", "evaluate": "evaluate.__main__", "train": "train.__main__",
-           "speakerid.data.synthetic": "speakerid.data.synthetic", "speakerid.demo": "speakerid.demo",
+           "speakerid.data.synthetic": "speakerid.data.synthetic.__main__", "speakerid.demo": "speakerid.demo",
            "speakerid.config": None}
 
 

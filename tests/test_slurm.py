@@ -21,8 +21,8 @@ import pytest
 
 from speakerid.data.index import load_index
 from speakerid.data.lists import read_train_list
+from speakerid.data.pack import pack
 from speakerid.data.plan import PackConfig, make_plan
-from speakerid.data.writer import pack
 from tests.conftest import REPO
 from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
 

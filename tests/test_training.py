@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from speakerid.data.lists import read_train_list
+from speakerid.data.pack import pack
 from speakerid.data.plan import PackConfig, make_plan
-from speakerid.data.writer import pack
 from speakerid.errors import SpeakeridError
 from tests.conftest import REPO, run_module
 from tests.test_batches import _zero_flac_frames

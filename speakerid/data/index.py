@@ -1,4 +1,5 @@
-"""``index.json``: what a shard directory holds, and ``verify``: re-checking every shard against it.
+"""``index.json``: what a shard directory holds; writing it once every shard is finished, loading it, and
+``verify``: re-checking every shard against it.
 
 The index records the format version, sample rate, encoding, the speaker → label map (sorted ids →
 0..S-1, as voxceleb_trainer numbers them) and, per shard, its file name, bytes, sha256, utterances, chunks,
@@ -11,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 import zlib
 from collections import Counter
@@ -19,24 +19,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from speakerid import __version__
 from speakerid.audio import ENCODINGS, decode
+from speakerid.data.lists import MAX_LISTED
 from speakerid.errors import SpeakeridError
+from speakerid.tempfiles import atomic_write, remove_dead_temporaries
 
 FORMAT = "speakerid-shards"
 VERSION = 1
 INDEX_NAME = "index.json"
 STATE_DIR = ".shardify"  # plan.json and per-shard stats while (and after) packing
+LAYOUT = "layout.json.gz"  # in STATE_DIR: the plan's utterances per shard, to resume a list that lost some
 
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write to a temporary name, fsync, rename: readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: Path, fix: str):
@@ -45,6 +45,56 @@ def read_json(path: Path, fix: str):
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise SpeakeridError(f"{path}: cannot read it ({error}): {fix}") from error
+
+
+def is_finished(out_dir: Path, name: str) -> bool:
+    """The shard's tar and its stats are in place and agree on its size (a resumed run skips it)."""
+    stats_path = out_dir / STATE_DIR / f"{name}.json"
+    tar = out_dir / name
+    if not (tar.exists() and stats_path.exists()):
+        return False
+    try:
+        return json.loads(stats_path.read_text())["bytes"] == tar.stat().st_size
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def write_index(out_dir: str | Path) -> Path:
+    """Build ``index.json`` from the plan and every shard's stats (``shardify merge`` after parts)."""
+    out_dir = Path(out_dir)
+    plan_path = out_dir / STATE_DIR / "plan.json"
+    if not plan_path.exists():
+        raise SpeakeridError(f"{out_dir}: no {STATE_DIR}/plan.json; run `shardify pack` into it first")
+    plan = read_json(plan_path, f"delete {out_dir} and re-pack")
+    unfinished = [(i, name) for i, name in enumerate(plan["names"]) if not is_finished(out_dir, name)]
+    if unfinished:
+        shown = ", ".join(f"{name} (shard {i})" for i, name in unfinished[:MAX_LISTED])
+        raise SpeakeridError(
+            f"{out_dir}: {len(unfinished)} of {len(plan['names'])} shards are not finished: {shown}"
+            f"{' …' if len(unfinished) > MAX_LISTED else ''}. Shard i belongs to --part i % parts: re-run "
+            "those parts (they resume), then merge again."
+        )
+    shards = [json.loads((out_dir / STATE_DIR / f"{name}.json").read_text()) for name in plan["names"]]
+    skipped = plan["skipped"] + [b for s in shards for b in s.pop("skipped")]
+    config = plan["config"]
+    index = {
+        "format": FORMAT, "version": VERSION, "tool": f"speakerid-toolkit {__version__}",
+        "kind": config["kind"], "sample_rate": config["sample_rate"], "encoding": config["encoding"],
+        "config": config, "plan_digest": plan["digest"], "speakers": plan["speakers"], "shards": shards,
+        "totals": {
+            "shards": len(shards), "samples": sum(s["samples"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards), "duration": round(sum(s["duration"] for s in shards), 3),
+            "speakers": len(plan["speakers"]) if plan["speakers"] else None, "skipped": len(skipped),
+        },
+        "skipped": skipped,
+    }
+    if config["kind"] != "train":
+        index["totals"]["speakers"] = len({k.split("/", 1)[0] for s in shards for k in s["keys"]})
+    path = out_dir / INDEX_NAME
+    remove_dead_temporaries(out_dir, [INDEX_NAME], locked=True)  # of a merge or a last part killed while writing it
+    remove_dead_temporaries(out_dir / STATE_DIR, ["plan.json", LAYOUT], locked=True)  # of parts killed while claiming: all done now
+    write_json_atomic(path, index)
+    return path
 
 
 def load_index(shard_dir: str | Path) -> dict:

@@ -1,0 +1,97 @@
+"""Running shard jobs: one after another, or in forked worker processes that report progress through a queue.
+
+Workers leave SIGINT/SIGTERM to a stop flag (the writer stops at the next utterance) and die with their
+parent, so a ``kill -9`` of shardify leaves no orphan writing into the directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from typing import TYPE_CHECKING
+
+from speakerid.data.writer import ShardJob, ShardResult, request_stop, stop_requested, write_shard
+
+if TYPE_CHECKING:
+    from speakerid.data.pack import PackListener
+
+
+def run_jobs(jobs: list[ShardJob], workers: int, listener: PackListener) -> list[ShardResult]:
+    """Write each job's shard, telling ``listener`` the progress; stops early once a stop is requested."""
+    results: list[ShardResult] = []
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            if stop_requested.is_set():
+                break
+            results.append(write_shard(job, listener.advance))
+            listener.shard_done(results[-1])
+        return results
+    context = get_context("fork")  # workers import nothing heavy (no torch), fork starts them instantly
+    queue = context.Queue()
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(queue, os.getpid())) as pool:
+        futures = [pool.submit(_write_in_worker, job) for job in jobs]
+        try:
+            pending = set(futures)
+            while pending:
+                if stop_requested.is_set():
+                    raise KeyboardInterrupt
+                done, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+                _drain(queue, listener)
+                for future in done:
+                    results.append(future.result())
+                    listener.shard_done(results[-1])
+            _drain(queue, listener)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return results
+
+
+def _drain(queue, listener: PackListener) -> None:
+    while not queue.empty():
+        try:
+            n, b = queue.get_nowait()
+        except Exception:  # queue.Empty: raced with another reader; nothing more now
+            return
+        listener.advance(n, b)
+
+
+# Worker-process side of the pool: progress goes back to the parent through a queue.
+_queue = None
+
+
+def _init_worker(queue, parent: int) -> None:
+    global _queue
+    _queue = queue
+    _die_with_parent(parent)
+    stop_requested.clear()
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker blocked on the pool's task pipe never notices its parent die (kill -9): make it die too."""
+    try:  # Linux: the kernel sends SIGKILL when the parent exits; its temporary is removed by the next run
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # 1 = PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):  # not Linux: watch for being re-parented instead
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _write_in_worker(job: ShardJob) -> ShardResult:
+    return write_shard(job, lambda n, b: _queue.put((n, b)))
