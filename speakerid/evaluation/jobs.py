@@ -1,0 +1,143 @@
+"""The two jobs behind ``python -m evaluate``: evaluate (embed, score, report) and embed (write embeddings).
+
+    loaded = load_inference_checkpoint("runs/demo")                      # speakerid.inference
+    report = evaluate(loaded, ["veri_test2.txt"], "shards/vox1-O", "eval/demo")
+    report.lists[0].metrics.eer
+
+Each reads as the flow: trial lists → audio source → extraction (+ cache) → cohort → scoring → metrics →
+report. Under ``accelerate launch`` every process embeds its share and the main process does the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+
+from speakerid.data.eval_reader import AudioSource
+from speakerid.data.index import write_json_atomic
+from speakerid.data.lists import read_eval_list, scan_audio_tree, utterance_key
+from speakerid.errors import SpeakeridError
+from speakerid.evaluation.cohort import cohort_embeddings
+from speakerid.evaluation.embeddings import Embeddings
+from speakerid.evaluation.extract import (ExtractConfig, Progress, _autocast_dtype, _precision_name, _World,
+                                          cache_settings, extract, source_items)
+from speakerid.evaluation.report import EmbedReport, EvaluationReport, ListResult, plot_det, write_scores
+from speakerid.evaluation.scoring import ScoreConfig, score_trials, speaker_means
+from speakerid.evaluation.trials import read_trial_lists, wanted_utterances
+from speakerid.inference import LoadedModel
+from speakerid.metrics import DCF_P_TARGETS, Metrics, actual_dcf
+from speakerid.tempfiles import remove_dead_temporaries
+
+
+def evaluate(loaded: LoadedModel, trials: Iterable[str | os.PathLike], audio: str | os.PathLike,
+             out_dir: str | os.PathLike, extract_config: ExtractConfig = ExtractConfig(),
+             scoring: ScoreConfig = ScoreConfig(), *, cache: str | os.PathLike | None = "default", accelerator=None,
+             progress: Progress | None = None) -> EvaluationReport | None:
+    """Embed every utterance of ``trials`` from ``audio``, score, and write scores, summary.json and det.png.
+
+    ``cache``: "default" (``out_dir/embeddings.safetensors``), a path, or None. Under ``accelerate launch``
+    every process embeds its share; the main process returns the report, the others return None.
+    """
+    started = time.perf_counter()
+    world = _World.current(accelerator)
+    lists = read_trial_lists(trials)  # every check that needs no audio comes first, on every process
+    wanted = wanted_utterances(lists)
+    source = AudioSource.open(audio)
+    source.check(wanted)
+    out_dir = Path(out_dir)
+    cache_path = out_dir / "embeddings.safetensors" if cache == "default" else (Path(cache) if cache else None)
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # what a run killed mid-write left of its outputs: scores, summary, DET plot, embedding caches
+        remove_dead_temporaries(out_dir, [f"scores-{t.name}.txt" for t in lists] + ["summary.json", "det"])
+        if cache_path is not None:
+            remove_dead_temporaries(cache_path.parent, [cache_path.name, f"cohort-{cache_path.name}"])
+    if scoring.as_norm and extract_config.eval_frames:
+        raise SpeakeridError("--as-norm normalises cosine scores of whole utterances; the crop protocol "
+                             "(--eval-frames) scores by distances: drop one of them")
+
+    relpaths = {key: rel for key, (rel, _) in wanted.items()}
+    settings = cache_settings(loaded, extract_config, world.device, audio=source.identity())
+    embeddings, stats = extract(
+        loaded, lambda missing, w: source_items(source, {k: relpaths[k] for k in missing}, extract_config, w),
+        sorted(wanted), extract_config, world, cache=cache_path, settings=settings, progress=progress,
+        fingerprints=source.fingerprints(relpaths) if world.is_main and cache_path else None)
+    cohort = None
+    if scoring.cohort and (scoring.mean_subtraction or scoring.as_norm):
+        cohort_cache = cache_path.with_name(f"cohort-{cache_path.name}") if cache_path else None
+        cohort = cohort_embeddings(loaded, scoring, extract_config, world, cache=cohort_cache, progress=progress)
+    if not world.is_main:
+        return None  # no barrier: the main process may fail while scoring, and nobody should wait for it
+
+    all_scores = score_trials(embeddings, lists, crops=extract_config.eval_frames > 0,
+                              test_normalize=loaded.test_normalize, cohort=cohort, scoring=scoring)
+    results: list[ListResult] = []
+    threshold = scoring.threshold
+    for trial_list, scores in zip(lists, all_scores):
+        result = ListResult(trial_list.name, trial_list.path, len(scores),
+                            write_scores(out_dir / f"scores-{trial_list.name}.txt", trial_list, scores))
+        if trial_list.labelled:
+            result.metrics = Metrics.compute(scores, trial_list.labels)
+            threshold = result.metrics.eer_threshold if threshold is None else threshold
+            result.threshold = threshold
+            result.actual_dcf = {f"p_target_{p:g}": actual_dcf(scores, trial_list.labels, threshold, p)
+                                 for p in DCF_P_TARGETS}
+        results.append(result)
+    det = plot_det([(t.name, s, t.labels) for t, s in zip(lists, all_scores) if t.labelled], out_dir / "det.png") \
+        if any(t.labelled for t in lists) else None
+
+    parts = []
+    if scoring.mean_subtraction:
+        parts.append("cohort mean subtracted")
+    if scoring.as_norm:
+        parts.append(f"AS-Norm (top {scoring.top_k} of {len(speaker_means(cohort))} cohort speakers)")
+    report = EvaluationReport(results, out_dir, out_dir / "summary.json", det, stats, world.size,
+                              time.perf_counter() - started, ", ".join(parts) or "none",
+                              len(cohort.keys) if cohort is not None else 0)
+    write_json_atomic(report.summary_path, {
+        "checkpoint": {"source": str(loaded.source), "model": loaded.meta.get("model"), "loss": loaded.meta.get("loss"),
+                       "weights_sha256": loaded.fingerprint},
+        "audio": str(audio),
+        "protocol": ({"eval_frames": extract_config.eval_frames, "num_eval": extract_config.num_eval,
+                      "score": "-mean crop distance", "test_normalize": loaded.test_normalize}
+                     if extract_config.eval_frames else
+                     {"whole_utterances": True, "trim_tolerance": extract_config.trim_tolerance, "score": "cosine"}),
+        "precision": _precision_name(_autocast_dtype(extract_config.precision, world.device)),
+        "normalisation": report.normalisation, "cohort": scoring.cohort, "cohort_utterances": report.cohort_size,
+        "threshold_source": "given" if scoring.threshold is not None else "EER threshold of the first labelled list",
+        "extraction": asdict(stats), "processes": world.size, "seconds": round(report.seconds, 3),
+        "lists": [r.as_dict() for r in results], "det": str(det) if det else None,
+    })
+    return report
+
+
+def embed(loaded: LoadedModel, audio: str | os.PathLike, out_path: str | os.PathLike,
+          extract_config: ExtractConfig = ExtractConfig(), *, audio_list: str | os.PathLike | None = None,
+          accelerator=None, progress: Progress | None = None) -> EmbedReport | None:
+    """Embed every utterance of ``audio`` (or of ``audio_list``: ``relpath`` / ``speaker relpath`` lines) into
+    ``out_path``: safetensors (keys in its header) or ``.npy`` (+ ``.keys.txt``). (U, D), or (U, C, D) for crops."""
+    world = _World.current(accelerator)
+    source = AudioSource.open(audio)
+    if world.is_main:
+        remove_dead_temporaries(Path(out_path).parent, [Path(out_path).name])
+    if audio_list is not None:
+        wanted = {utterance_key(e.relpath): (e.relpath, e.where) for e in read_eval_list(audio_list)}
+        source.check(wanted)
+    elif source.shards is not None:
+        wanted = {key: (key, source.location) for key in sorted(source.available_keys())}
+    else:
+        wanted = {utterance_key(e.relpath): (e.relpath, e.where) for e in scan_audio_tree(source.root)}
+    relpaths = {key: rel for key, (rel, _) in wanted.items()}
+    embeddings, stats = extract(
+        loaded, lambda missing, w: source_items(source, {k: relpaths[k] for k in missing}, extract_config, w),
+        sorted(wanted), extract_config, world, progress=progress)
+    if not world.is_main:
+        return None
+    if not extract_config.eval_frames:
+        embeddings = Embeddings(embeddings.keys, embeddings.values[:, 0])
+    path = embeddings.save(out_path, {"settings": cache_settings(loaded, extract_config, world.device),
+                                      "checkpoint": loaded.meta})
+    return EmbedReport(path, len(embeddings.keys), int(embeddings.values.shape[-1]), stats)
