@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 
 from speakerid.audio import decode, read_audio
 from speakerid.data.batches import Faults, read_shard
@@ -22,8 +24,7 @@ from speakerid.data.lists import scan_audio_tree, speaker_of, utterance_key
 from speakerid.data.shardset import ShardSet
 from speakerid.errors import SpeakeridError
 from speakerid.evaluation.embeddings import Embeddings, read_cache
-from speakerid.evaluation.extract import (Embedder, ExtractConfig, Progress, _World, cache_settings, embed_share,
-                                          prepare_item)
+from speakerid.evaluation.extract import Embedder, ExtractConfig, Progress, cache_settings, embed_share, prepare_item
 from speakerid.evaluation.scoring import ScoreConfig
 from speakerid.inference import LoadedModel
 
@@ -56,7 +57,8 @@ def _cohort_candidates(location: str, sample_rate: int) -> Iterator[tuple[str, s
                functools.partial(read_audio, path / entry.relpath, sample_rate))
 
 
-def _cohort_items(scoring: ScoreConfig, config: ExtractConfig, world: _World) -> Iterator[tuple[str, np.ndarray, str]]:
+def _cohort_items(scoring: ScoreConfig, config: ExtractConfig,
+                  state: PartialState) -> Iterator[tuple[str, np.ndarray, str]]:
     """Up to ``cohort_utts_per_speaker`` utterances of each of the first ``cohort_speakers`` speakers read;
     utterance i of the selection is embedded by process i mod world size."""
     counts: dict[str, int] = {}
@@ -71,26 +73,26 @@ def _cohort_items(scoring: ScoreConfig, config: ExtractConfig, world: _World) ->
             continue
         counts[speaker] = (count or 0) + 1
         full += counts[speaker] == scoring.cohort_utts_per_speaker
-        if selected % world.size == world.rank:
+        if selected % state.num_processes == state.process_index:
             yield key, prepare_item(f"{scoring.cohort}: {key}", load(), config), speaker
         selected += 1
 
 
-def cohort_embeddings(loaded: LoadedModel, scoring: ScoreConfig, config: ExtractConfig, world: _World, *,
+def cohort_embeddings(loaded: LoadedModel, scoring: ScoreConfig, config: ExtractConfig, state: PartialState, *,
                       cache: Path | None = None, progress: Progress | None = None) -> Embeddings | None:
     """The cohort's utterance embeddings (with their speakers) on the main process; cached like the trials'."""
     remote = scoring.cohort.startswith(("http://", "https://"))
-    settings = cache_settings(loaded, config, world.device,
-                               cohort=scoring.cohort if remote else str(Path(scoring.cohort).resolve()),
-                               cohort_speakers=scoring.cohort_speakers,
-                               cohort_utts_per_speaker=scoring.cohort_utts_per_speaker)
-    cached = read_cache(cache, settings)[0] if world.is_main else None
-    if world.broadcast(cached is not None):
+    settings = cache_settings(loaded, config, state.device,
+                              cohort=scoring.cohort if remote else str(Path(scoring.cohort).resolve()),
+                              cohort_speakers=scoring.cohort_speakers,
+                              cohort_utts_per_speaker=scoring.cohort_utts_per_speaker)
+    cached = read_cache(cache, settings)[0] if state.is_main_process else None
+    if broadcast_object_list([cached is not None])[0]:
         return cached
-    local = embed_share(Embedder(loaded.model, world.device, config), _cohort_items(scoring, config, world), world,
-                         progress, "cohort", None)
-    gathered = world.gather(local)
-    if not world.is_main:
+    local = embed_share(Embedder(loaded.model, state.device, config), _cohort_items(scoring, config, state), state,
+                        progress, "cohort", None)
+    gathered = gather_object([local])
+    if not state.is_main_process:
         return None
     keys = [k for part in gathered for k in part[0]]
     if len(set(keys)) < 2:

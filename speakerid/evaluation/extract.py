@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import bisect
 import functools
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
 
 from speakerid.audio import MIN_SECONDS
 from speakerid.data.eval_reader import AudioSource, EvalConfig, eval_crops
@@ -192,52 +193,23 @@ def _loader_items(loader, config: ExtractConfig, where: Callable[[str], str]) ->
 
 
 def source_items(source: AudioSource, relpaths: dict[str, str], config: ExtractConfig,
-                 world: _World) -> Iterator[tuple[str, np.ndarray]]:
+                 state: PartialState) -> Iterator[tuple[str, np.ndarray]]:
     """This rank's share of the utterances ``relpaths`` (key → relpath) of ``source``, as Embedder items."""
     if not relpaths:
         return iter(())
     loader_config = EvalConfig(eval_frames=config.eval_frames, num_eval=config.num_eval,
                                max_batch_samples=int(40 * config.sample_rate))
-    loader = source.loader(relpaths, loader_config, rank=world.rank, world_size=world.size, workers=config.workers,
-                           sample_rate=config.sample_rate)
+    loader = source.loader(relpaths, loader_config, rank=state.process_index, world_size=state.num_processes,
+                           workers=config.workers, sample_rate=config.sample_rate)
     return _loader_items(loader, config, lambda key: source.describe(key, relpaths[key]))
 
 
-@dataclass
-class _World:
-    rank: int = 0
-    size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @classmethod
-    def current(cls, accelerator=None) -> "_World":
-        if accelerator is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch / torchrun
-            from accelerate import Accelerator
-
-            accelerator = Accelerator()  # Accelerator (not PartialState) honours ACCELERATE_USE_CPU
-        if accelerator is None:
-            use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-            return cls(device=torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu"))
-        return cls(accelerator.process_index, accelerator.num_processes, accelerator.device)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def broadcast(self, obj):
-        if self.size == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj) -> list | None:
-        """Every rank's ``obj`` on the main process (None elsewhere)."""
-        if self.size == 1:
-            return [obj]
-        out = [None] * self.size if self.is_main else None
-        torch.distributed.gather_object(obj, out, dst=0)
-        return out
+def process_state(accelerator=None) -> PartialState:
+    """This process among those of ``accelerate launch`` (the only one without it): the training Accelerator's
+    state, or accelerate's PartialState, on the CPU when ACCELERATE_USE_CPU says so (as ``Accelerator()`` reads it)."""
+    if accelerator is not None:
+        return accelerator.state
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def cache_settings(loaded: LoadedModel, config: ExtractConfig, device: torch.device, **extra) -> dict:
@@ -248,11 +220,11 @@ def cache_settings(loaded: LoadedModel, config: ExtractConfig, device: torch.dev
             "channels_last": config.channels_last, "sample_rate": config.sample_rate, **extra}
 
 
-def extract(loaded: LoadedModel, items_for: Callable[[list[str], _World], Iterable[tuple[str, np.ndarray]]],
-            keys: list[str], config: ExtractConfig, world: _World, *, cache: Path | None = None,
+def extract(loaded: LoadedModel, items_for: Callable[[list[str], PartialState], Iterable[tuple[str, np.ndarray]]],
+            keys: list[str], config: ExtractConfig, state: PartialState, *, cache: Path | None = None,
             settings: dict | None = None, fingerprints: dict[str, str] | None = None,
             progress: Progress | None = None, stage: str = "embedding") -> tuple[Embeddings | None, ExtractionStats]:
-    """Embed ``keys`` across all processes (each embeds what ``items_for(missing, world)`` yields on it).
+    """Embed ``keys`` across all processes (each embeds what ``items_for(missing, state)`` yields on it).
 
     The main process reads the cache, tells every process what is missing, gathers the new embeddings,
     merges and rewrites the cache; it returns the embeddings of ``keys`` in sorted order (None elsewhere).
@@ -260,21 +232,21 @@ def extract(loaded: LoadedModel, items_for: Callable[[list[str], _World], Iterab
     are embedded again.
     """
     started = time.perf_counter()
-    settings = settings or cache_settings(loaded, config, world.device)
+    settings = settings or cache_settings(loaded, config, state.device)
     cached, stored, note = None, {}, ""
-    if world.is_main:
+    if state.is_main_process:
         cached, stored, note = read_cache(cache, settings)
         if cached is not None and fingerprints is not None:
             cached, changed = drop_changed(cached, stored, fingerprints)
             note += f"; {changed} utterance(s) whose audio changed embedded again" if changed else ""
     have = set(cached.keys) if cached is not None else set()
-    missing = world.broadcast(sorted(set(keys) - have) if world.is_main else None)
+    missing = broadcast_object_list([sorted(set(keys) - have) if state.is_main_process else None])[0]
 
-    local = embed_share(Embedder(loaded.model, world.device, config),
-                         items_for(missing, world) if missing else (), world, progress, stage,
-                         len(missing) if world.size == 1 else None)
-    gathered = world.gather(local)
-    if not world.is_main:
+    local = embed_share(Embedder(loaded.model, state.device, config),
+                        items_for(missing, state) if missing else (), state, progress, stage,
+                        len(missing) if state.num_processes == 1 else None)
+    gathered = gather_object([local])  # every process's share, on every process
+    if not state.is_main_process:
         return None, ExtractionStats()
 
     parts = [cached.keys] if cached is not None else []
@@ -304,8 +276,8 @@ def extract(loaded: LoadedModel, items_for: Callable[[list[str], _World], Iterab
     return wanted, stats
 
 
-def embed_share(embedder: Embedder, items: Iterable[tuple], world: _World, progress: Progress | None, stage: str,
-                 total: int | None) -> tuple[list[str], np.ndarray | None, int, list]:
+def embed_share(embedder: Embedder, items: Iterable[tuple], state: PartialState, progress: Progress | None, stage: str,
+                total: int | None) -> tuple[list[str], np.ndarray | None, int, list]:
     """Run this process's items (``(key, audio)`` or ``(key, audio, extra)``) through the embedder."""
     keys: list[str] = []
     values: list[np.ndarray] = []
@@ -314,7 +286,7 @@ def embed_share(embedder: Embedder, items: Iterable[tuple], world: _World, progr
     def take(batch: tuple[list[str], np.ndarray]) -> None:
         keys.extend(batch[0])
         values.append(batch[1])
-        if progress is not None and world.is_main:
+        if progress is not None and state.is_main_process:
             progress(stage, len(keys), total)
 
     for item in items:

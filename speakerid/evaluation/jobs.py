@@ -22,8 +22,8 @@ from speakerid.data.lists import read_eval_list, scan_audio_tree, utterance_key
 from speakerid.errors import SpeakeridError
 from speakerid.evaluation.cohort import cohort_embeddings
 from speakerid.evaluation.embeddings import Embeddings
-from speakerid.evaluation.extract import (ExtractConfig, Progress, _autocast_dtype, _precision_name, _World,
-                                          cache_settings, extract, source_items)
+from speakerid.evaluation.extract import (ExtractConfig, Progress, _autocast_dtype, _precision_name, cache_settings,
+                                          extract, process_state, source_items)
 from speakerid.evaluation.report import EmbedReport, EvaluationReport, ListResult, plot_det, write_scores
 from speakerid.evaluation.scoring import ScoreConfig, score_trials, speaker_means
 from speakerid.evaluation.trials import read_trial_lists, wanted_utterances
@@ -42,14 +42,14 @@ def evaluate(loaded: LoadedModel, trials: Iterable[str | os.PathLike], audio: st
     every process embeds its share; the main process returns the report, the others return None.
     """
     started = time.perf_counter()
-    world = _World.current(accelerator)
+    state = process_state(accelerator)
     lists = read_trial_lists(trials)  # every check that needs no audio comes first, on every process
     wanted = wanted_utterances(lists)
     source = AudioSource.open(audio)
     source.check(wanted)
     out_dir = Path(out_dir)
     cache_path = out_dir / "embeddings.safetensors" if cache == "default" else (Path(cache) if cache else None)
-    if world.is_main:
+    if state.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         # what a run killed mid-write left of its outputs: scores, summary, DET plot, embedding caches
         remove_dead_temporaries(out_dir, [f"scores-{t.name}.txt" for t in lists] + ["summary.json", "det"])
@@ -60,16 +60,16 @@ def evaluate(loaded: LoadedModel, trials: Iterable[str | os.PathLike], audio: st
                              "(--eval-frames) scores by distances: drop one of them")
 
     relpaths = {key: rel for key, (rel, _) in wanted.items()}
-    settings = cache_settings(loaded, extract_config, world.device, audio=source.identity())
+    settings = cache_settings(loaded, extract_config, state.device, audio=source.identity())
     embeddings, stats = extract(
         loaded, lambda missing, w: source_items(source, {k: relpaths[k] for k in missing}, extract_config, w),
-        sorted(wanted), extract_config, world, cache=cache_path, settings=settings, progress=progress,
-        fingerprints=source.fingerprints(relpaths) if world.is_main and cache_path else None)
+        sorted(wanted), extract_config, state, cache=cache_path, settings=settings, progress=progress,
+        fingerprints=source.fingerprints(relpaths) if state.is_main_process and cache_path else None)
     cohort = None
     if scoring.cohort and (scoring.mean_subtraction or scoring.as_norm):
         cohort_cache = cache_path.with_name(f"cohort-{cache_path.name}") if cache_path else None
-        cohort = cohort_embeddings(loaded, scoring, extract_config, world, cache=cohort_cache, progress=progress)
-    if not world.is_main:
+        cohort = cohort_embeddings(loaded, scoring, extract_config, state, cache=cohort_cache, progress=progress)
+    if not state.is_main_process:
         return None  # no barrier: the main process may fail while scoring, and nobody should wait for it
 
     all_scores = score_trials(embeddings, lists, crops=extract_config.eval_frames > 0,
@@ -94,7 +94,7 @@ def evaluate(loaded: LoadedModel, trials: Iterable[str | os.PathLike], audio: st
         parts.append("cohort mean subtracted")
     if scoring.as_norm:
         parts.append(f"AS-Norm (top {scoring.top_k} of {len(speaker_means(cohort))} cohort speakers)")
-    report = EvaluationReport(results, out_dir, out_dir / "summary.json", det, stats, world.size,
+    report = EvaluationReport(results, out_dir, out_dir / "summary.json", det, stats, state.num_processes,
                               time.perf_counter() - started, ", ".join(parts) or "none",
                               len(cohort.keys) if cohort is not None else 0)
     write_json_atomic(report.summary_path, {
@@ -105,10 +105,10 @@ def evaluate(loaded: LoadedModel, trials: Iterable[str | os.PathLike], audio: st
                       "score": "-mean crop distance", "test_normalize": loaded.test_normalize}
                      if extract_config.eval_frames else
                      {"whole_utterances": True, "trim_tolerance": extract_config.trim_tolerance, "score": "cosine"}),
-        "precision": _precision_name(_autocast_dtype(extract_config.precision, world.device)),
+        "precision": _precision_name(_autocast_dtype(extract_config.precision, state.device)),
         "normalisation": report.normalisation, "cohort": scoring.cohort, "cohort_utterances": report.cohort_size,
         "threshold_source": "given" if scoring.threshold is not None else "EER threshold of the first labelled list",
-        "extraction": asdict(stats), "processes": world.size, "seconds": round(report.seconds, 3),
+        "extraction": asdict(stats), "processes": state.num_processes, "seconds": round(report.seconds, 3),
         "lists": [r.as_dict() for r in results], "det": str(det) if det else None,
     })
     return report
@@ -119,9 +119,9 @@ def embed(loaded: LoadedModel, audio: str | os.PathLike, out_path: str | os.Path
           accelerator=None, progress: Progress | None = None) -> EmbedReport | None:
     """Embed every utterance of ``audio`` (or of ``audio_list``: ``relpath`` / ``speaker relpath`` lines) into
     ``out_path``: safetensors (keys in its header) or ``.npy`` (+ ``.keys.txt``). (U, D), or (U, C, D) for crops."""
-    world = _World.current(accelerator)
+    state = process_state(accelerator)
     source = AudioSource.open(audio)
-    if world.is_main:
+    if state.is_main_process:
         remove_dead_temporaries(Path(out_path).parent, [Path(out_path).name])
     if audio_list is not None:
         wanted = {utterance_key(e.relpath): (e.relpath, e.where) for e in read_eval_list(audio_list)}
@@ -133,11 +133,11 @@ def embed(loaded: LoadedModel, audio: str | os.PathLike, out_path: str | os.Path
     relpaths = {key: rel for key, (rel, _) in wanted.items()}
     embeddings, stats = extract(
         loaded, lambda missing, w: source_items(source, {k: relpaths[k] for k in missing}, extract_config, w),
-        sorted(wanted), extract_config, world, progress=progress)
-    if not world.is_main:
+        sorted(wanted), extract_config, state, progress=progress)
+    if not state.is_main_process:
         return None
     if not extract_config.eval_frames:
         embeddings = Embeddings(embeddings.keys, embeddings.values[:, 0])
-    path = embeddings.save(out_path, {"settings": cache_settings(loaded, extract_config, world.device),
+    path = embeddings.save(out_path, {"settings": cache_settings(loaded, extract_config, state.device),
                                       "checkpoint": loaded.meta})
     return EmbedReport(path, len(embeddings.keys), int(embeddings.values.shape[-1]), stats)
