@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
+from speakerid.config import parse_override
 from speakerid.data.eval_reader import AudioSource
 from speakerid.data.index import write_json_atomic
 from speakerid.data.lists import read_eval_list, scan_audio_tree, utterance_key
@@ -27,7 +28,7 @@ from speakerid.evaluation.extract import (ExtractConfig, Progress, _autocast_dty
 from speakerid.evaluation.report import EmbedReport, EvaluationReport, ListResult, plot_det, write_scores
 from speakerid.evaluation.scoring import ScoreConfig, score_trials, speaker_means
 from speakerid.evaluation.trials import read_trial_lists, wanted_utterances
-from speakerid.inference import LoadedModel
+from speakerid.inference import LoadedModel, load_inference_checkpoint
 from speakerid.metrics import DCF_P_TARGETS, Metrics, actual_dcf
 from speakerid.tempfiles import remove_dead_temporaries
 
@@ -141,3 +142,29 @@ def embed(loaded: LoadedModel, audio: str | os.PathLike, out_path: str | os.Path
     path = embeddings.save(out_path, {"settings": cache_settings(loaded, extract_config, state.device),
                                       "checkpoint": loaded.meta})
     return EmbedReport(path, len(embeddings.keys), int(embeddings.values.shape[-1]), stats)
+
+
+def default_out(checkpoint: str | os.PathLike) -> Path:
+    """eval/NAME: the run directory's name for a run or its export/, the file's stem for a .model file."""
+    path = Path(checkpoint)
+    name = path.parent.name if path.name == "export" else (path.stem if path.is_file() else path.name)
+    return Path("eval") / (name or "checkpoint")
+
+
+def run_command(*, checkpoint: str, audio: str, trials: list[str], out: str | None, embed_only: bool,
+                audio_list: str | None, model: str | None, loss: str | None, options: list[str], cache: str | None,
+                no_cache: bool, progress: Progress | None = None, **settings) -> EvaluationReport | EmbedReport | None:
+    """``python -m evaluate`` with its options as keywords: load the checkpoint (a .model file's ``options`` as
+    seed-spelled KEY=VALUE texts), then :func:`embed` or :func:`evaluate`. ``settings`` are the fields of
+    :class:`ExtractConfig` and (evaluation only) :class:`ScoreConfig`."""
+    loaded = load_inference_checkpoint(checkpoint, model=model, loss=loss,
+                                       options=dict(parse_override(text) for text in options))
+    extract_config = ExtractConfig(**{f.name: settings.pop(f.name) for f in fields(ExtractConfig)
+                                      if f.name in settings})
+    if embed_only:
+        return embed(loaded, audio, out or "embeddings.safetensors", extract_config, audio_list=audio_list,
+                     progress=progress)
+    if not trials:
+        raise SpeakeridError("--trials is required (or --embed to write embeddings only)")
+    return evaluate(loaded, trials, audio, out or default_out(checkpoint), extract_config, ScoreConfig(**settings),
+                    cache=None if no_cache else (cache or "default"), progress=progress)
