@@ -107,8 +107,9 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
-def _precision_name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+def precision_name(precision: str, device: torch.device) -> str:
+    """The precision ``precision`` (auto, fp32, bf16, fp16) runs at on ``device``, as summaries and caches name it."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[_autocast_dtype(precision, device)]
 
 
 class Embedder:
@@ -216,7 +217,7 @@ def cache_settings(loaded: LoadedModel, config: ExtractConfig, device: torch.dev
     protocol = ({"eval_frames": config.eval_frames, "num_eval": config.num_eval} if config.eval_frames
                 else {"trim_tolerance": config.trim_tolerance})
     return {"weights_sha256": loaded.fingerprint, "model": loaded.meta.get("model"), **protocol,
-            "precision": _precision_name(_autocast_dtype(config.precision, device)),
+            "precision": precision_name(config.precision, device),
             "channels_last": config.channels_last, "sample_rate": config.sample_rate, **extra}
 
 

@@ -13,23 +13,21 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 from speakerid.config import parse_override
 from speakerid.data.eval_reader import AudioSource
-from speakerid.data.index import write_json_atomic
 from speakerid.data.lists import read_eval_list, scan_audio_tree, utterance_key
 from speakerid.errors import SpeakeridError
 from speakerid.evaluation.cohort import cohort_embeddings
 from speakerid.evaluation.embeddings import Embeddings
-from speakerid.evaluation.extract import (ExtractConfig, Progress, _autocast_dtype, _precision_name, cache_settings,
-                                          extract, process_state, source_items)
-from speakerid.evaluation.report import EmbedReport, EvaluationReport, ListResult, plot_det, write_scores
-from speakerid.evaluation.scoring import ScoreConfig, score_trials, speaker_means
-from speakerid.evaluation.trials import read_trial_lists, wanted_utterances
+from speakerid.evaluation.extract import (ExtractConfig, Progress, cache_settings, extract, precision_name,
+                                          process_state, source_items)
+from speakerid.evaluation.report import EmbedReport, EvaluationReport, list_results, plot_det, write_summary
+from speakerid.evaluation.scoring import ScoreConfig, check_protocol, describe_normalisation, score_trials
+from speakerid.evaluation.trials import TrialList, read_trial_lists, wanted_utterances
 from speakerid.inference import LoadedModel, load_inference_checkpoint
-from speakerid.metrics import DCF_P_TARGETS, Metrics, actual_dcf
 from speakerid.tempfiles import remove_dead_temporaries
 
 
@@ -51,14 +49,8 @@ def evaluate(loaded: LoadedModel, trials: Iterable[str | os.PathLike], audio: st
     out_dir = Path(out_dir)
     cache_path = out_dir / "embeddings.safetensors" if cache == "default" else (Path(cache) if cache else None)
     if state.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # what a run killed mid-write left of its outputs: scores, summary, DET plot, embedding caches
-        remove_dead_temporaries(out_dir, [f"scores-{t.name}.txt" for t in lists] + ["summary.json", "det"])
-        if cache_path is not None:
-            remove_dead_temporaries(cache_path.parent, [cache_path.name, f"cohort-{cache_path.name}"])
-    if scoring.as_norm and extract_config.eval_frames:
-        raise SpeakeridError("--as-norm normalises cosine scores of whole utterances; the crop protocol "
-                             "(--eval-frames) scores by distances: drop one of them")
+        _clear_dead_outputs(out_dir, lists, cache_path)
+    check_protocol(scoring, crops=extract_config.eval_frames > 0)
 
     relpaths = {key: rel for key, (rel, _) in wanted.items()}
     settings = cache_settings(loaded, extract_config, state.device, audio=source.identity())
@@ -75,44 +67,23 @@ def evaluate(loaded: LoadedModel, trials: Iterable[str | os.PathLike], audio: st
 
     all_scores = score_trials(embeddings, lists, crops=extract_config.eval_frames > 0,
                               test_normalize=loaded.test_normalize, cohort=cohort, scoring=scoring)
-    results: list[ListResult] = []
-    threshold = scoring.threshold
-    for trial_list, scores in zip(lists, all_scores):
-        result = ListResult(trial_list.name, trial_list.path, len(scores),
-                            write_scores(out_dir / f"scores-{trial_list.name}.txt", trial_list, scores))
-        if trial_list.labelled:
-            result.metrics = Metrics.compute(scores, trial_list.labels)
-            threshold = result.metrics.eer_threshold if threshold is None else threshold
-            result.threshold = threshold
-            result.actual_dcf = {f"p_target_{p:g}": actual_dcf(scores, trial_list.labels, threshold, p)
-                                 for p in DCF_P_TARGETS}
-        results.append(result)
+    results = list_results(lists, all_scores, out_dir, scoring.threshold)
     det = plot_det([(t.name, s, t.labels) for t, s in zip(lists, all_scores) if t.labelled], out_dir / "det.png") \
         if any(t.labelled for t in lists) else None
-
-    parts = []
-    if scoring.mean_subtraction:
-        parts.append("cohort mean subtracted")
-    if scoring.as_norm:
-        parts.append(f"AS-Norm (top {scoring.top_k} of {len(speaker_means(cohort))} cohort speakers)")
     report = EvaluationReport(results, out_dir, out_dir / "summary.json", det, stats, state.num_processes,
-                              time.perf_counter() - started, ", ".join(parts) or "none",
+                              time.perf_counter() - started, describe_normalisation(scoring, cohort),
                               len(cohort.keys) if cohort is not None else 0)
-    write_json_atomic(report.summary_path, {
-        "checkpoint": {"source": str(loaded.source), "model": loaded.meta.get("model"), "loss": loaded.meta.get("loss"),
-                       "weights_sha256": loaded.fingerprint},
-        "audio": str(audio),
-        "protocol": ({"eval_frames": extract_config.eval_frames, "num_eval": extract_config.num_eval,
-                      "score": "-mean crop distance", "test_normalize": loaded.test_normalize}
-                     if extract_config.eval_frames else
-                     {"whole_utterances": True, "trim_tolerance": extract_config.trim_tolerance, "score": "cosine"}),
-        "precision": _precision_name(_autocast_dtype(extract_config.precision, state.device)),
-        "normalisation": report.normalisation, "cohort": scoring.cohort, "cohort_utterances": report.cohort_size,
-        "threshold_source": "given" if scoring.threshold is not None else "EER threshold of the first labelled list",
-        "extraction": asdict(stats), "processes": state.num_processes, "seconds": round(report.seconds, 3),
-        "lists": [r.as_dict() for r in results], "det": str(det) if det else None,
-    })
+    write_summary(report, loaded, audio, extract_config, scoring,
+                  precision_name(extract_config.precision, state.device))
     return report
+
+
+def _clear_dead_outputs(out_dir: Path, lists: list[TrialList], cache_path: Path | None) -> None:
+    """What a run killed mid-write left of its outputs: scores, summary, DET plot, embedding caches."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(out_dir, [f"scores-{t.name}.txt" for t in lists] + ["summary.json", "det"])
+    if cache_path is not None:
+        remove_dead_temporaries(cache_path.parent, [cache_path.name, f"cohort-{cache_path.name}"])
 
 
 def embed(loaded: LoadedModel, audio: str | os.PathLike, out_path: str | os.PathLike,

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from speakerid.evaluation.extract import ExtractionStats
+from speakerid.data.index import write_json_atomic
+from speakerid.evaluation.extract import ExtractConfig, ExtractionStats
+from speakerid.evaluation.scoring import ScoreConfig
 from speakerid.evaluation.trials import TrialList
-from speakerid.metrics import Metrics, det_curve
+from speakerid.inference import LoadedModel
+from speakerid.metrics import DCF_P_TARGETS, Metrics, actual_dcf, det_curve
 
 
 @dataclass
@@ -27,6 +30,24 @@ class ListResult:
         return {"name": self.name, "path": str(self.path), "trials": self.n_trials, "scores": str(self.scores_path),
                 "metrics": self.metrics.as_dict() if self.metrics else None,
                 "actual_dcf": {"threshold": self.threshold, **(self.actual_dcf or {})} if self.actual_dcf else None}
+
+
+def list_results(lists: list[TrialList], all_scores: list[np.ndarray], out_dir: Path,
+                 threshold: float | None) -> list[ListResult]:
+    """Write each list's scores; EER, minDCF and actual DCF of the labelled ones, at ``threshold`` or else at the
+    EER threshold of the first labelled list."""
+    results: list[ListResult] = []
+    for trial_list, scores in zip(lists, all_scores):
+        result = ListResult(trial_list.name, trial_list.path, len(scores),
+                            write_scores(out_dir / f"scores-{trial_list.name}.txt", trial_list, scores))
+        if trial_list.labelled:
+            result.metrics = Metrics.compute(scores, trial_list.labels)
+            threshold = result.metrics.eer_threshold if threshold is None else threshold
+            result.threshold = threshold
+            result.actual_dcf = {f"p_target_{p:g}": actual_dcf(scores, trial_list.labels, threshold, p)
+                                 for p in DCF_P_TARGETS}
+        results.append(result)
+    return results
 
 
 def write_scores(path: Path, trial_list: TrialList, scores: np.ndarray) -> Path:
@@ -85,6 +106,25 @@ class EvaluationReport:
     seconds: float
     normalisation: str  # "none", "mean subtraction", "AS-Norm (top-k …)" …
     cohort_size: int = 0
+
+
+def write_summary(report: EvaluationReport, loaded: LoadedModel, audio: str | os.PathLike,
+                  extract_config: ExtractConfig, scoring: ScoreConfig, precision: str) -> None:
+    """summary.json: the checkpoint, audio, protocol and settings beside every list's figures."""
+    write_json_atomic(report.summary_path, {
+        "checkpoint": {"source": str(loaded.source), "model": loaded.meta.get("model"), "loss": loaded.meta.get("loss"),
+                       "weights_sha256": loaded.fingerprint},
+        "audio": str(audio),
+        "protocol": ({"eval_frames": extract_config.eval_frames, "num_eval": extract_config.num_eval,
+                      "score": "-mean crop distance", "test_normalize": loaded.test_normalize}
+                     if extract_config.eval_frames else
+                     {"whole_utterances": True, "trim_tolerance": extract_config.trim_tolerance, "score": "cosine"}),
+        "precision": precision,
+        "normalisation": report.normalisation, "cohort": scoring.cohort, "cohort_utterances": report.cohort_size,
+        "threshold_source": "given" if scoring.threshold is not None else "EER threshold of the first labelled list",
+        "extraction": asdict(report.extraction), "processes": report.world_size, "seconds": round(report.seconds, 3),
+        "lists": [r.as_dict() for r in report.lists], "det": str(report.det_path) if report.det_path else None,
+    })
 
 
 @dataclass

@@ -221,6 +221,23 @@ class ScoreConfig:
             raise SpeakeridError("--cohort-speakers and --cohort-utts must be at least 1")
 
 
+def check_protocol(scoring: ScoreConfig, crops: bool) -> None:
+    """AS-Norm normalises cosine scores: the crop protocol's distance scores refuse it."""
+    if scoring.as_norm and crops:
+        raise SpeakeridError("--as-norm normalises cosine scores of whole utterances; the crop protocol "
+                             "(--eval-frames) scores by distances: drop one of them")
+
+
+def describe_normalisation(scoring: ScoreConfig, cohort: Embeddings | None) -> str:
+    """The normalisation as the report names it: "none", "cohort mean subtracted", "AS-Norm (top k of …)"."""
+    parts = []
+    if scoring.mean_subtraction:
+        parts.append("cohort mean subtracted")
+    if scoring.as_norm:
+        parts.append(f"AS-Norm (top {scoring.top_k} of {len(speaker_means(cohort))} cohort speakers)")
+    return ", ".join(parts) or "none"
+
+
 def speaker_means(cohort: Embeddings) -> np.ndarray:
     """One row per cohort speaker: the mean of its utterance embeddings (WeSpeaker's AS-Norm cohort)."""
     speakers = np.asarray(cohort.speakers if cohort.speakers is not None else cohort.keys, dtype=object)
@@ -239,9 +256,7 @@ def score_trials(embeddings: Embeddings, lists: list[TrialList], *, crops: bool 
     cohort_values = None
     if cohort is not None:
         cohort_values = cohort.values if crops else cohort.values.reshape(len(cohort.keys), -1)
-    if scoring.as_norm and crops:
-        raise SpeakeridError("--as-norm normalises cosine scores of whole utterances; the crop protocol "
-                             "(--eval-frames) scores by distances: drop one of them")
+    check_protocol(scoring, crops)
     if scoring.mean_subtraction:
         mean = cohort_mean(cohort_values)
         values = subtract_mean(values, mean.numpy())
