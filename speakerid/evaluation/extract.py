@@ -214,6 +214,7 @@ def process_state(accelerator=None) -> PartialState:
 
 
 def cache_settings(loaded: LoadedModel, config: ExtractConfig, device: torch.device, **extra) -> dict:
+    """Everything besides the audio that decides an embedding: the embedding cache's key (``extra``: the audio)."""
     protocol = ({"eval_frames": config.eval_frames, "num_eval": config.num_eval} if config.eval_frames
                 else {"trim_tolerance": config.trim_tolerance})
     return {"weights_sha256": loaded.fingerprint, "model": loaded.meta.get("model"), **protocol,
