@@ -171,6 +171,13 @@ def eval_loader(source: ShardSet | AudioTree, config: EvalConfig = EvalConfig(),
     return ReaderLoader(dataset, batch_size=None, num_workers=workers)
 
 
+def names_shards(location: str) -> bool:
+    """Whether ``location`` (an --audio or --cohort argument) names shards: a URL, an index.json, or a directory
+    holding one; anything else is an audio folder."""
+    return location.startswith(("http://", "https://")) or location.endswith(".json") or \
+        (Path(location) / "index.json").exists()
+
+
 @dataclass
 class AudioSource:
     """Evaluation audio: eval shards (``shardify pack --kind eval``) or a folder of files named by relative path."""
@@ -183,7 +190,7 @@ class AudioSource:
     def open(cls, location: str | os.PathLike) -> "AudioSource":
         text = str(location)
         path = Path(text)
-        if text.startswith(("http://", "https://")) or text.endswith(".json") or (path / "index.json").exists():
+        if names_shards(text):
             return cls(text, shards=ShardSet.open(text))
         if path.is_dir():
             return cls(text, root=path)

@@ -20,6 +20,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from speakerid.audio import decode, read_audio
 from speakerid.data.batches import Faults, read_shard
+from speakerid.data.eval_reader import names_shards
 from speakerid.data.lists import scan_audio_tree, speaker_of, utterance_key
 from speakerid.data.shardset import ShardSet
 from speakerid.errors import SpeakeridError
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 def _cohort_candidates(location: str, sample_rate: int) -> Iterator[tuple[str, str, Callable[[], np.ndarray]]]:
     """(key, speaker, load audio) of every utterance of a cohort source, in reading order, decoding nothing yet."""
     path = Path(location)
-    if location.startswith(("http://", "https://")) or location.endswith(".json") or (path / "index.json").exists():
+    if names_shards(location):
         shards = ShardSet.open(location)
         encoding, faults = shards.encoding, Faults()
         for url in shards.urls:
