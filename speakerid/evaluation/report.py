@@ -1,4 +1,5 @@
-"""What an evaluation leaves behind: a score file per list, the DET plot, and the reports the jobs return."""
+"""What an evaluation leaves behind: per list its scores file and metrics (EER, minDCF, actual DCF), the DET
+plot, summary.json, and the reports the jobs return."""
 
 from __future__ import annotations
 
