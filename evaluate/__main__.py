@@ -14,8 +14,6 @@ CKPT is a speakerid inference checkpoint, a training run directory (its export/)
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -33,13 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="speakerid checkpoint directory, training run directory, or voxceleb_trainer .model file")
     parser.add_argument("--model", help=".model files: the architecture (e.g. ResNetSE34L)")
     parser.add_argument("--loss", help=".model files: the training loss (decides test-time normalisation)")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", dest="options",
                         help=".model files: a training option, seed spelling (nOut=512, encoder_type=SAP); repeatable")
     parser.add_argument("--audio", required=True, help="audio folder the lists' paths are relative to, or eval shards")
     parser.add_argument("--trials", nargs="+", default=[], help="VoxCeleb-format trial lists ('label enroll test')")
     parser.add_argument("--out", help="output directory (evaluation; default eval/NAME) or file (--embed)")
-    parser.add_argument("--embed", action="store_true", help="write embeddings instead of scoring trials")
-    parser.add_argument("--list", help="--embed: 'relpath' or 'speaker relpath' lines (default: everything in --audio)")
+    parser.add_argument("--embed", action="store_true", dest="embed_only",
+                        help="write embeddings instead of scoring trials")
+    parser.add_argument("--list", dest="audio_list", metavar="LIST",
+                        help="--embed: 'relpath' or 'speaker relpath' lines (default: everything in --audio)")
 
     g = parser.add_argument_group("extraction")
     g.add_argument("--eval-frames", type=int, default=0, help="0: whole utterances (default); 400: the seeds' crops")
@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-seconds", type=float, default=0.0, help="audio per forward pass (default 40 CPU / 1200 GPU)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 (or fp16) on GPU, fp32 on CPU")
-    g.add_argument("--no-channels-last", action="store_true", help="keep the default memory format")
+    g.add_argument("--no-channels-last", action="store_false", dest="channels_last",
+                   help="keep the default memory format")
     g.add_argument("--workers", type=int, default=1, help="audio-decoding DataLoader workers per process")
     cache = g.add_mutually_exclusive_group()
     cache.add_argument("--cache", help="embedding cache file (default OUT/embeddings.safetensors)")
@@ -58,19 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = parser.add_argument_group("scoring")
     s.add_argument("--cohort", help="training shards (or an audio folder) for mean subtraction / AS-Norm")
     s.add_argument("--cohort-speakers", type=int, default=2000, help="cohort speakers, at most (default 2000)")
-    s.add_argument("--cohort-utts", type=int, default=4, help="utterances per cohort speaker, at most (default 4)")
+    s.add_argument("--cohort-utts", type=int, default=4, dest="cohort_utts_per_speaker", metavar="COHORT_UTTS",
+                   help="utterances per cohort speaker, at most (default 4)")
     s.add_argument("--mean-subtraction", action="store_true", help="subtract the cohort's mean embedding")
     s.add_argument("--as-norm", action="store_true", help="adaptive s-norm with the top-k cohort speakers")
     s.add_argument("--top-k", type=int, default=300, help="AS-Norm top-k (default 300)")
     s.add_argument("--threshold", type=float,
                    help="actual DCF threshold (default: the EER threshold of the first labelled list)")
     return parser
-
-
-def default_out(checkpoint: str) -> Path:
-    path = Path(checkpoint)
-    name = path.parent.name if path.name == "export" else (path.stem if path.is_file() else path.name)
-    return Path("eval") / (name or "checkpoint")
 
 
 class RichProgress:
@@ -98,38 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = RichProgress()
     try:
-        from speakerid.config import parse_override
-        from speakerid.evaluation import ExtractConfig, ScoreConfig, embed, evaluate
-        from speakerid.inference import load_inference_checkpoint
+        from speakerid.evaluation import EmbedReport, run_command
 
-        options = dict(parse_override(text) for text in args.option)
-        loaded = load_inference_checkpoint(args.checkpoint, model=args.model, loss=args.loss, options=options)
-        extract = ExtractConfig(eval_frames=args.eval_frames, num_eval=args.num_eval,
-                                trim_tolerance=args.trim_tolerance, batch_seconds=args.batch_seconds,
-                                precision=args.precision, channels_last=not args.no_channels_last, workers=args.workers)
-        if args.embed:
-            report = embed(loaded, args.audio, args.out or "embeddings.safetensors", extract, audio_list=args.list,
-                           progress=progress)
-            progress.stop()
-            if report is not None:
-                print_extraction(report.extraction)
-                console.print(escape(f"{report.n_utterances} embeddings of {report.embedding_dim} values → {report.path}"),
-                              highlight=False)
-            return 0
-        if not args.trials:
-            raise SpeakeridError("--trials is required (or --embed to write embeddings only)")
-        scoring = ScoreConfig(cohort=args.cohort, cohort_speakers=args.cohort_speakers,
-                              cohort_utts_per_speaker=args.cohort_utts, mean_subtraction=args.mean_subtraction,
-                              as_norm=args.as_norm, top_k=args.top_k, threshold=args.threshold)
-        cache = None if args.no_cache else (args.cache or "default")
-        report = evaluate(loaded, args.trials, args.audio, args.out or default_out(args.checkpoint), extract, scoring,
-                          cache=cache, progress=progress)
+        report = run_command(**vars(args), progress=progress)
     except SpeakeridError as error:
         progress.stop()
         console.print(f"[red]error:[/] {escape(str(error))}", highlight=False)
         return 2
     progress.stop()
-    if report is not None:
+    if isinstance(report, EmbedReport):
+        print_extraction(report.extraction)
+        console.print(escape(f"{report.n_utterances} embeddings of {report.embedding_dim} values → {report.path}"),
+                      highlight=False)
+    elif report is not None:
         print_report(report)
     return 0
 

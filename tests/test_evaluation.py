@@ -31,7 +31,7 @@ from speakerid.evaluation import (GRID_START, Embedder, Embeddings, ExtractConfi
 from speakerid.features import int16_to_float
 from speakerid.inference import load_inference_checkpoint, save_inference_checkpoint
 from speakerid.models import build_model
-from speakerid.scoring import as_norm, cosine_scores, crop_scores, subtract_mean
+from speakerid.evaluation.scoring import as_norm, cosine_scores, crop_scores, subtract_mean
 
 OPTIONS = {"n_out": 32}
 FAST = ["--workers", "0"]

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from speakerid.errors import SpeakeridError
-from speakerid.scoring import (as_norm, cohort_mean, cohort_stats, cosine_scores, crop_scores, subtract_mean,
-                               trial_indices)
+from speakerid.evaluation.scoring import (as_norm, cohort_mean, cohort_stats, cosine_scores, crop_scores,
+                                          subtract_mean, trial_indices)
 
 U, C, D, K, T = 9, 10, 16, 40, 30
 

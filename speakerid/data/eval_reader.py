@@ -3,12 +3,15 @@ and DataLoader workers, in batches of similar length to limit padding.
 
 Sources: eval shards packed by ``shardify pack --kind eval`` (their index lists each shard's keys), or an
 audio tree plus the relative paths to read (from trial lists). Work is split over streams (rank × worker)
-whole shards or whole files at a time, balanced by size, so no utterance is read twice.
+whole shards or whole files at a time, balanced by size, so no utterance is read twice. :class:`AudioSource`
+is what ``--audio`` names: it tells the two kinds apart, checks that every wanted utterance is there,
+fingerprints them for the embedding cache and opens the loader of a rank's share.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +21,7 @@ import torch
 
 from speakerid.audio import decode, read_audio, wrap_pad
 from speakerid.data.index import member_intact
-from speakerid.data.lists import utterance_key
+from speakerid.data.lists import MAX_LISTED, scan_audio_tree, utterance_key
 from speakerid.data.loader import ReaderLoader, forward_errors
 from speakerid.data.shardio import Faults, read_shard
 from speakerid.data.shardset import ShardSet, assign_streams
@@ -168,3 +171,79 @@ def eval_loader(source: ShardSet | AudioTree, config: EvalConfig = EvalConfig(),
     dataset = EvalUtterances(source, config, keys=keys, rank=rank, world_size=world_size, workers=workers)
     return ReaderLoader(dataset, batch_size=None, num_workers=workers)
 
+
+def names_shards(location: str) -> bool:
+    """Whether ``location`` (an --audio or --cohort argument) names shards: a URL, an index.json, or a directory
+    holding one; anything else is an audio folder."""
+    return location.startswith(("http://", "https://")) or location.endswith(".json") or \
+        (Path(location) / "index.json").exists()
+
+
+@dataclass
+class AudioSource:
+    """Evaluation audio: eval shards (``shardify pack --kind eval``) or a folder of files named by relative path."""
+
+    location: str
+    shards: ShardSet | None = None
+    root: Path | None = None
+
+    @classmethod
+    def open(cls, location: str | os.PathLike) -> "AudioSource":
+        text = str(location)
+        path = Path(text)
+        if names_shards(text):
+            return cls(text, shards=ShardSet.open(text))
+        if path.is_dir():
+            return cls(text, root=path)
+        raise SpeakeridError(f"{text}: --audio must be an audio folder, an eval shard directory (with index.json) "
+                             "or its URL; nothing is there")
+
+    def available_keys(self) -> set[str]:
+        if self.shards is not None:
+            if self.shards.kind != "eval":
+                raise SpeakeridError(f"{self.location}: evaluation reads eval shards (shardify pack --kind eval), "
+                                     f"these are of kind {self.shards.kind!r}")
+            return {k for s in self.shards.index["shards"] for k in s["keys"]}
+        return {utterance_key(e.relpath) for e in scan_audio_tree(self.root)}
+
+    def identity(self) -> str:
+        """The audio as the embedding cache records it: the resolved folder or index path, or the URL."""
+        if self.location.startswith(("http://", "https://")):
+            return self.location
+        return str(Path(self.location).resolve())
+
+    def fingerprints(self, relpaths: dict[str, str]) -> dict[str, str]:
+        """key → a cheap content fingerprint: its file's size and mtime, or its shard's sha256 (from the index)."""
+        if self.shards is None:
+            stats = {key: (self.root / rel).stat() for key, rel in relpaths.items()}  # one stat per file
+            return {key: f"{st.st_size}-{st.st_mtime_ns}" for key, st in stats.items()}
+        shard_of = {k: s["sha256"][:16] for s in self.shards.index["shards"] for k in s["keys"]}
+        return {key: shard_of[key] for key in relpaths}
+
+    def describe(self, key: str, relpath: str) -> str:
+        """An utterance as an error names it: with its file, or with its eval shards."""
+        return f"{key} ({self.root / relpath})" if self.shards is None else f"{key} in {self.location}"
+
+    def check(self, wanted: dict[str, tuple[str, str]]) -> None:
+        """``wanted``: key → (relpath, where it is named). Raise, counting every missing one, listing ten."""
+        if self.shards is not None:
+            present = self.available_keys()
+            missing = [(rel, where) for key, (rel, where) in wanted.items() if key not in present]
+        else:
+            missing = [(rel, where) for rel, where in wanted.values() if not (self.root / rel).is_file()]
+        if missing:
+            shown = "\n".join(f"  {rel}  (named at {where})" for rel, where in missing[:MAX_LISTED])
+            more = f"\n  … and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
+            raise SpeakeridError(
+                f"{len(missing)} of {len(wanted)} utterances are not in {self.location}:\n{shown}{more}\n"
+                "Point --audio at the folder (or eval shards) that holds them, pack them with `python -m shardify "
+                "pack --kind eval --trials …`, or remove those trials from the list")
+
+    def loader(self, relpaths: dict[str, str], config: EvalConfig, *, rank: int = 0, world_size: int = 1,
+               workers: int = 0, sample_rate: int = 16000) -> ReaderLoader:
+        """This rank's share of the utterances ``relpaths`` (key → relpath), as :func:`eval_loader` batches."""
+        if self.shards is not None:
+            return eval_loader(self.shards, config, keys=set(relpaths), rank=rank, world_size=world_size,
+                               workers=workers)
+        tree = AudioTree(self.root, [relpaths[k] for k in sorted(relpaths)], sample_rate)
+        return eval_loader(tree, config, rank=rank, world_size=world_size, workers=workers)

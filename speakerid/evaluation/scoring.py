@@ -16,18 +16,26 @@ come back as a numpy array ``(T,)`` of the embeddings' floating dtype.
   s' = ½((s − μ_e)/σ_e + (s − μ_t)/σ_t), μ/σ the mean and (population) standard deviation of the k highest
   cosine scores of that side's embedding against the cohort; each unique utterance's statistics are
   computed once (:func:`cohort_stats`).
+
+:func:`score_trials` applies them to trial lists: one score array per list, after the normalisations a
+:class:`ScoreConfig` asks for (against the cohort of :mod:`speakerid.evaluation.cohort`; AS-Norm against its
+per-speaker means, :func:`speaker_means`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from speakerid.data.lists import utterance_key
 from speakerid.errors import SpeakeridError
+from speakerid.evaluation.embeddings import Embeddings
+from speakerid.evaluation.trials import TrialList
 
 NORMALIZE_EPS = 1e-12  # F.normalize's default: x / max(‖x‖, eps), as the seeds
 
@@ -194,3 +202,80 @@ def as_norm(embeddings, pairs, cohort, *, top_k: int = 300, scores=None, chunk_s
     enroll, test = inverse[:, 0], inverse[:, 1]
     normed = 0.5 * ((raw - mean[enroll]) / std[enroll] + (raw - mean[test]) / std[test])
     return normed.cpu().numpy()
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    cohort: str | None = None  # training shards (or an audio folder) whose embeddings form the cohort
+    cohort_speakers: int = 2000  # speakers taken from the cohort source (in reading order), at most
+    cohort_utts_per_speaker: int = 4  # utterances embedded per cohort speaker, at most
+    mean_subtraction: bool = False  # subtract the cohort's mean embedding before scoring
+    as_norm: bool = False  # adaptive s-norm against the per-speaker cohort means
+    top_k: int = 300  # AS-Norm: the k highest cohort scores of each side
+    threshold: float | None = None  # actual DCF threshold; None: the EER threshold of the first labelled list
+
+    def __post_init__(self) -> None:
+        if (self.mean_subtraction or self.as_norm) and not self.cohort:
+            raise SpeakeridError("--mean-subtraction and --as-norm need a cohort: --cohort TRAIN_SHARDS")
+        if self.cohort_speakers < 1 or self.cohort_utts_per_speaker < 1:
+            raise SpeakeridError("--cohort-speakers and --cohort-utts must be at least 1")
+
+
+def check_protocol(scoring: ScoreConfig, crops: bool) -> None:
+    """AS-Norm normalises cosine scores: the crop protocol's distance scores refuse it."""
+    if scoring.as_norm and crops:
+        raise SpeakeridError("--as-norm normalises cosine scores of whole utterances; the crop protocol "
+                             "(--eval-frames) scores by distances: drop one of them")
+
+
+def describe_normalisation(scoring: ScoreConfig, cohort: Embeddings | None) -> str:
+    """The normalisation as the report names it: "none", "cohort mean subtracted", "AS-Norm (top k of …)"."""
+    parts = []
+    if scoring.mean_subtraction:
+        parts.append("cohort mean subtracted")
+    if scoring.as_norm:
+        parts.append(f"AS-Norm (top {scoring.top_k} of {len(speaker_means(cohort))} cohort speakers)")
+    return ", ".join(parts) or "none"
+
+
+def speaker_means(cohort: Embeddings) -> np.ndarray:
+    """One row per cohort speaker: the mean of its utterance embeddings (WeSpeaker's AS-Norm cohort)."""
+    speakers = np.asarray(cohort.speakers if cohort.speakers is not None else cohort.keys, dtype=object)
+    names, inverse = np.unique(speakers, return_inverse=True)
+    flat = cohort.values.reshape(len(cohort.keys), -1, cohort.values.shape[-1]).mean(axis=1)
+    sums = np.zeros((len(names), flat.shape[1]), dtype=np.float64)
+    np.add.at(sums, inverse, flat)
+    return (sums / np.bincount(inverse)[:, None]).astype(np.float32)
+
+
+def score_trials(embeddings: Embeddings, lists: list[TrialList], *, crops: bool = False, test_normalize: bool = True,
+                 cohort: Embeddings | None = None, scoring: ScoreConfig = ScoreConfig()) -> list[np.ndarray]:
+    """One score array per list: cosine (whole utterances, (U, D) or (U, 1, D)) or, with ``crops``, the seeds'
+    crop score of (U, C, D) embeddings; then the normalisations ``scoring`` asks for."""
+    values = embeddings.values if crops else embeddings.values.reshape(len(embeddings.keys), -1)
+    cohort_values = None
+    if cohort is not None:
+        cohort_values = cohort.values if crops else cohort.values.reshape(len(cohort.keys), -1)
+    check_protocol(scoring, crops)
+    if scoring.mean_subtraction:
+        mean = cohort_mean(cohort_values)
+        values = subtract_mean(values, mean.numpy())
+        cohort_values = subtract_mean(cohort_values, mean.numpy())
+    as_norm_cohort = None
+    if scoring.as_norm:
+        as_norm_cohort = speaker_means(Embeddings(cohort.keys, cohort_values, cohort.speakers))
+        if not 2 <= scoring.top_k <= len(as_norm_cohort):
+            raise SpeakeridError(f"--top-k {scoring.top_k}: the cohort has {len(as_norm_cohort)} speakers; choose "
+                                 f"2 ≤ k ≤ {len(as_norm_cohort)} or raise --cohort-speakers")
+    results = []
+    for trial_list in lists:
+        pairs = trial_indices([(utterance_key(t.enroll), utterance_key(t.test)) for t in trial_list.trials],
+                              embeddings.keys)
+        if crops:
+            scores = crop_scores(values, pairs, normalize=test_normalize)
+        else:
+            scores = cosine_scores(values, pairs)
+            if as_norm_cohort is not None:
+                scores = as_norm(values, pairs, as_norm_cohort, top_k=scoring.top_k, scores=scores)
+        results.append(np.asarray(scores, dtype=np.float64))
+    return results
