@@ -21,7 +21,7 @@ import torch
 
 from speakerid.audio import decode, read_audio, wrap_pad
 from speakerid.data.index import member_intact
-from speakerid.data.lists import MAX_LISTED, scan_audio_tree, utterance_key
+from speakerid.data.lists import listed, scan_audio_tree, utterance_key
 from speakerid.data.loader import ReaderLoader, forward_errors
 from speakerid.data.shardio import Faults, read_shard
 from speakerid.data.shardset import ShardSet, assign_streams
@@ -232,10 +232,9 @@ class AudioSource:
         else:
             missing = [(rel, where) for rel, where in wanted.values() if not (self.root / rel).is_file()]
         if missing:
-            shown = "\n".join(f"  {rel}  (named at {where})" for rel, where in missing[:MAX_LISTED])
-            more = f"\n  … and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
+            shown = listed([f"{rel}  (named at {where})" for rel, where in missing])
             raise SpeakeridError(
-                f"{len(missing)} of {len(wanted)} utterances are not in {self.location}:\n{shown}{more}\n"
+                f"{len(missing)} of {len(wanted)} utterances are not in {self.location}:\n{shown}\n"
                 "Point --audio at the folder (or eval shards) that holds them, pack them with `python -m shardify "
                 "pack --kind eval --trials …`, or remove those trials from the list")
 

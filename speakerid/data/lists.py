@@ -56,13 +56,18 @@ def _lines(path: Path):
             yield number, stripped
 
 
+def listed(lines: list[str]) -> str:
+    """The first MAX_LISTED lines of an error message's list, indented, and how many more there are."""
+    shown = "\n".join(f"  {line}" for line in lines[:MAX_LISTED])
+    return shown + (f"\n  … and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else "")
+
+
 def _fail_on_bad_lines(path: Path, bad: list[tuple[int, str]], expected: str) -> None:
     if not bad:
         return
-    shown = "\n".join(f"  {path}:{number}: {line!r}" for number, line in bad[:MAX_LISTED])
-    more = f"\n  … and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
     raise SpeakeridError(
-        f"{path}: {len(bad)} line(s) do not have the form {expected}:\n{shown}{more}\n"
+        f"{path}: {len(bad)} line(s) do not have the form {expected}:\n"
+        f"{listed([f'{path}:{number}: {line!r}' for number, line in bad])}\n"
         "Fix or delete these lines and run the command again."
     )
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speakerid.data.index import LAYOUT, STATE_DIR, is_finished, write_index
-from speakerid.data.lists import MAX_LISTED
+from speakerid.data.lists import listed
 from speakerid.data.plan import PackPlan
 from speakerid.data.pool import run_jobs
 from speakerid.data.resume import claim_directory, part_lock
@@ -111,11 +111,10 @@ def _write_part(plan: PackPlan, root: Path, out_dir: Path, part: int, parts: int
 
     bad = [b for r in results for b in r.bad]
     if bad and not skip_bad:
-        shown = "\n".join(f"  {root / b['src']}: {b['reason']}" for b in bad[:MAX_LISTED])
-        more = f"\n  … and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        shown = listed([f"{root / b['src']}: {b['reason']}" for b in bad])
         kept = sum(r.written for r in results) + len(resumed)
         raise SpeakeridError(
-            f"{len(bad)} audio file(s) cannot be decoded or used:\n{shown}{more}\n"
+            f"{len(bad)} audio file(s) cannot be decoded or used:\n{shown}\n"
             "Fix or remove them from the list, or re-run with --skip-bad to leave them out (they are then "
             f"counted in the summary and the index). The {kept} finished shard(s) are kept: the re-run resumes."
         )

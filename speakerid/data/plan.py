@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from speakerid.audio import ENCODINGS, MIN_SECONDS, check_decoders
-from speakerid.data.lists import MAX_LISTED, ListEntry, utterance_key
+from speakerid.data.lists import MAX_LISTED, ListEntry, listed, utterance_key
 from speakerid.errors import SpeakeridError
 
 KINDS = ("train", "eval", "noise")
@@ -142,10 +142,9 @@ def make_plan(entries: list[ListEntry], root: str | Path, config: PackConfig, *,
         sizes = list(pool.map(size_of, entries))
     missing = [(e, s) for e, s in zip(entries, sizes) if isinstance(s, str)]
     if missing and not skip_bad:
-        shown = "\n".join(f"  {e.where}: {root / e.relpath}: {reason}" for e, reason in missing[:MAX_LISTED])
-        more = f"\n  … and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
+        shown = listed([f"{e.where}: {root / e.relpath}: {reason}" for e, reason in missing])
         raise SpeakeridError(
-            f"{len(missing)} of {len(entries)} listed audio files cannot be read:\n{shown}{more}\n"
+            f"{len(missing)} of {len(entries)} listed audio files cannot be read:\n{shown}\n"
             "Check --root, fix or remove these lines, or pass --skip-bad to leave them out (they are then "
             "counted in the summary and the index). Nothing was written."
         )
