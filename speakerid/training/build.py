@@ -1,18 +1,80 @@
-"""Building a run from its config: model + loss, optimizer, LR schedule, on-device augmenter, mixed precision,
-the margin warm-up, and the checks said before the first step."""
+"""Building a run from its config: ``build_run`` makes everything train() needs before its first step (``Run``) from
+the builders below it: model + loss, optimizer, LR schedule, on-device augmenter, mixed precision, the margin
+warm-up, and the checks said before the first step."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 
-from speakerid.config import Config
+from speakerid.config import Config, save_config
+from speakerid.data.batches import BatchConfig, EpochMeter, batches_per_epoch, train_loader, usable_utterances
 from speakerid.data.shardset import ShardSet
 from speakerid.errors import SpeakeridError
 from speakerid.losses import build_loss, loss_class, loss_options
 from speakerid.models import build_model, canonical_options, model_options
+from speakerid.training.checkpoints import claim_run_dir, latest_checkpoint
+from speakerid.training.state import Progress, TrainingState
+
+
+@dataclass
+class Run:
+    """What train() builds before its first step; model, loss and optimizer are not prepared yet."""
+
+    config: Config
+    accelerator: Accelerator
+    run_dir: Path
+    model: torch.nn.Module
+    loss: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    augmenter: object | None  # speakerid.augment.Augmenter, when augment.enabled
+    loader: object  # the rank's DataLoader of whole batches, starting at state.progress.batch
+    per_epoch: int  # batches per epoch, the same on every rank
+    state: TrainingState
+    checkpoint: Path | None  # the latest complete checkpoint, to resume from
+
+
+def build_run(config: Config, force: bool) -> Run:
+    """Everything a typo can break is built before the run directory is claimed: a failed start writes nothing."""
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.train.mixed_precision),
+                              gradient_accumulation_steps=config.optim.grad_accum,
+                              log_with="tensorboard" if config.train.tensorboard else None,
+                              project_dir=config.train.run_dir)
+    set_seed(config.train.seed)
+    shards = ShardSet.open(config.data.train_shards, urls=config.data.train_urls, io_timeout=config.data.io_timeout)
+    check_config(config, shards)
+    model, loss = build_model_and_loss(config, n_classes=len(shards.index["speakers"]))
+    if config.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config, list(model.parameters()) + list(loss.parameters()))
+    data = BatchConfig(n_speakers=config.data.n_speakers, utts_per_speaker=config.data.utts_per_speaker,
+                       max_frames=config.data.max_frames, max_seg_per_spk=config.data.max_seg_per_spk,
+                       open_shards=config.data.open_shards, pool_factor=config.data.pool_factor, seed=config.train.seed,
+                       shard_retries=config.data.shard_retries)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_epoch = batches_per_epoch(shards.index, data, world, config.data.workers)
+    scheduler = build_scheduler(config, optimizer, per_epoch // config.optim.grad_accum)
+    augmenter = build_augmenter(config, accelerator)
+    run_dir = claim_run_dir(config, force)
+    checkpoint = latest_checkpoint(run_dir)
+    progress = Progress.load(checkpoint / "progress.json") if checkpoint is not None else Progress()
+    # The loader is not prepared: each rank reads its own streams; the start position comes from progress.
+    loader = train_loader(shards, data, rank=rank, world_size=world, workers=config.data.workers,
+                          start_batch=progress.batch, pin_memory=torch.cuda.is_available())
+    if accelerator.is_main_process:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    if config.train.tensorboard:
+        accelerator.init_trackers("tensorboard")
+    # per-epoch coverage of this rank's share of the usable utterances, and damaged input skipped
+    meter = EpochMeter(usable_utterances(shards.index, data, world * max(1, config.data.workers)) // world)
+    return Run(config, accelerator, run_dir, model, loss, optimizer, augmenter, loader, per_epoch,
+               TrainingState(progress, scheduler, meter), checkpoint)
 
 
 def resolve_mixed_precision(choice: str) -> str:

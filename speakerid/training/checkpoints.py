@@ -1,6 +1,6 @@
 """The run directory and its checkpoints: claim it (refusing another configuration), find the latest complete
 checkpoint, save one (``accelerator.save_state`` + speakerid's JSON, ``progress.json`` last) keeping the newest
-``train.keep_checkpoints``, and load one without running code from a pickle."""
+``train.keep_checkpoints``, and load one without running code from a pickle. ``Checkpoints`` is what the loop holds."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from accelerate import Accelerator
 
 from speakerid.config import Config, diff_configs
 from speakerid.errors import SpeakeridError
-from speakerid.training.state import Progress, TrainingState
+from speakerid.training.state import TrainingState
 
 
 def claim_run_dir(config: Config, force: bool) -> Path:
@@ -32,8 +32,13 @@ def claim_run_dir(config: Config, force: bool) -> Path:
     return run_dir
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """``checkpoints/step-*`` that hold their ``progress.json``, oldest first."""
+    return sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "progress.json").exists())
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "progress.json").exists())
+    done = complete_checkpoints(run_dir)
     return done[-1] if done else None
 
 
@@ -75,17 +80,43 @@ def load_accelerate_state(accelerator: Accelerator, checkpoint: Path) -> None:
             raise
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: Progress, keep: int,
-                    own_state: "TrainingState") -> Path:
-    path = run_dir / "checkpoints" / f"step-{progress.step:08d}"
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainingState, keep: int) -> Path:
+    """Save ``checkpoints/step-NNNNNNNN`` and keep the newest ``keep`` complete ones. The rotation is ours: accelerate's
+    ``ProjectConfiguration(total_limit=…, automatic_checkpoint_naming=True)`` names folders ``checkpoint_<n-th save>``
+    (the run directory's layout is ``step-NNNNNNNN``) and deletes before saving, counting incomplete checkpoints."""
+    path = run_dir / "checkpoints" / f"step-{state.progress.step:08d}"
     accelerator.save_state(str(path))
     path.mkdir(parents=True, exist_ok=True)
-    own_state.save(path, accelerator.process_index)
+    state.save(path, accelerator.process_index)
     accelerator.wait_for_everyone()  # every rank's state is written before progress.json marks the checkpoint complete
     if accelerator.is_main_process:
-        progress.save(path / "progress.json")  # written last: a checkpoint without it is incomplete
-        done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "progress.json").exists())
-        for old in done[:-keep] if keep > 0 else []:
+        state.progress.save(path / "progress.json")  # written last: a checkpoint without it is incomplete
+        for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return path
+
+
+class Checkpoints:
+    """One run's ``checkpoints/step-NNNNNNNN``: resume from one, save one (keeping the newest ``keep``), and the step
+    saved last, so a stop right after a save does not write the same checkpoint again."""
+
+    def __init__(self, accelerator: Accelerator, run_dir: Path, keep: int, state: TrainingState) -> None:
+        self.accelerator, self.run_dir, self.keep, self.state = accelerator, run_dir, keep, state
+        self.saved_step: int | None = None
+
+    def resume(self, checkpoint: Path) -> None:
+        load_checkpoint(self.accelerator, checkpoint, self.state)
+        progress = self.state.progress
+        self.accelerator.print(f"resuming from {checkpoint} (epoch {progress.epoch}, step {progress.step})")
+        self.saved_step = progress.step
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.accelerator, self.run_dir, self.state, self.keep)
+        self.saved_step = self.state.progress.step
+        return path
+
+    def save_unless_saved(self) -> None:
+        """The state as of the last batch consumed, unless the latest checkpoint already holds it."""
+        if self.saved_step != self.state.progress.step:
+            self.save()

@@ -1,4 +1,6 @@
-"""The end of an epoch: export the inference checkpoint, and validate (EER, minDCF) every test_interval epochs."""
+"""An epoch's start and end. Start: model and loss in training mode, the margin warm-up. End: the reader's data
+report, the inference checkpoint export, validation (EER, minDCF) every test_interval epochs, and the LR schedule
+stepped per epoch or on the validation EER (plateau)."""
 
 from __future__ import annotations
 
@@ -7,11 +9,42 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from speakerid.config import Config
+from speakerid.training.build import Run, margin_at
+from speakerid.training.logs import MetricsLog
 from speakerid.training.state import Progress
 
 
-def end_of_epoch(config: Config, accelerator: Accelerator, model, loss, progress: Progress, run_dir: Path,
-                 validate, export) -> dict | None:
+def start_epoch(run: Run, model, loss, final_margin: float | None) -> None:
+    model.train()
+    loss.train()
+    if run.config.loss.margin_warmup_end:
+        run.accelerator.unwrap_model(loss).set_margin(margin_at(run.config, run.state.progress.epoch, final_margin))
+
+
+def end_of_epoch(run: Run, model, loss, metrics: MetricsLog, validate, export) -> dict | None:
+    """Count the epoch, log its data report, export, validate, step the schedule; returns the validation figures."""
+    config, accelerator, state = run.config, run.accelerator, run.state
+    progress = state.progress
+    progress.epoch += 1
+    data_report = state.meter.report()
+    metrics.write(step=progress.step, epoch=progress.epoch, **{f"data_{k}": v for k, v in data_report.items()})
+    if data_report.get("corrupt_members") or data_report.get("damaged_shards"):
+        accelerator.print(f"epoch {progress.epoch}: skipped {data_report['corrupt_members']} damaged member(s) "
+                          f"and the rest of {data_report['damaged_shards']} damaged shard(s) (see the warnings)")
+    state.meter.next_epoch()
+    result = export_and_validate(config, accelerator, model, loss, progress, run.run_dir, validate, export)
+    if result:
+        metrics.write(step=progress.step, epoch=progress.epoch, **result)
+    if config.schedule.name == "plateau":
+        if result:
+            state.scheduler.step(result["eer"])
+    elif config.schedule.interval == "epoch":
+        state.scheduler.step()
+    return result
+
+
+def export_and_validate(config: Config, accelerator: Accelerator, model, loss, progress: Progress, run_dir: Path,
+                        validate, export) -> dict | None:
     """Export the inference checkpoint; validate every test_interval epochs (when a trial list is set)."""
     unwrapped = accelerator.unwrap_model(model)
     if export is None:

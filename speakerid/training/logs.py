@@ -1,5 +1,5 @@
-"""What a run shows and records: ``metrics.jsonl`` (main process, mirrored to Accelerate's trackers) and the rich
-progress bar per epoch."""
+"""What a run shows and records: ``metrics.jsonl`` (main process, mirrored to Accelerate's trackers), the rich
+progress bar per epoch, and the step's throughput figures."""
 
 from __future__ import annotations
 
@@ -8,6 +8,14 @@ import time
 from pathlib import Path
 
 from accelerate import Accelerator
+
+
+def step_rates(batch: dict, utts_per_speaker: int, world: int, waited: float, started: float) -> dict:
+    """Utterances per second over all ranks, and the share of the step spent waiting for data (waited: asked for
+    the batch; started: got it; the step ends now)."""
+    ended = time.perf_counter()
+    return {"utterances_per_s": batch["labels"].numel() * utts_per_speaker * world / (ended - waited),
+            "data_wait": (started - waited) / (ended - waited)}
 
 
 class MetricsLog:

@@ -1,5 +1,6 @@
 """Stopping cleanly: SIGTERM/SIGUSR1/SIGINT set a flag that the loop reads at each step; batches are fetched in a
-thread so a stop also ends a wait for data; the launcher's store tells whether the stop reached every rank."""
+thread so a stop also ends a wait for data (``next_batch``); the launcher's store tells whether the stop reached
+every rank."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import queue
 import signal
 import threading
 import time
+from pathlib import Path
 
 from accelerate import Accelerator
 
+from speakerid.errors import SpeakeridError
+from speakerid.training.checkpoints import latest_checkpoint
 from speakerid.training.state import Progress
 
 
@@ -29,6 +33,15 @@ class StopFlag:
 
     def __bool__(self) -> bool:
         return self.event.is_set()
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """Every rank stops at the same step, whichever rank saw the signal (a collective: all ranks ask each step)."""
+        if accelerator.num_processes > 1:
+            if self:
+                accelerator.set_trigger()
+            if accelerator.check_trigger():
+                self.event.set()
+        return bool(self)
 
 
 def restoring_signal_handlers(function):
@@ -102,3 +115,22 @@ def every_rank_stopped_waiting(accelerator: Accelerator, progress: Progress, tim
     while not (everyone := store.add(f"{key}/count", 0) >= accelerator.num_processes) and time.monotonic() < deadline:
         time.sleep(0.05)
     return store.compare_set(f"{key}/decision", "", "stop" if everyone else "wait") == b"stop"
+
+
+def next_batch(batches: BatchFetcher, stop: StopFlag, accelerator: Accelerator, progress: Progress,
+               run_dir: Path) -> dict | None:
+    """The next batch; None when a stop came while waiting for it on every rank (the loop checkpoints and exits).
+
+    A rank stopped while another is already inside this step waits STOP_GRACE_S more for its batch, so that all
+    stop at the step's end; if the batch still has not come it raises, as no rank can checkpoint this moment."""
+    batch = batches.next(stop)
+    if batch is None and every_rank_stopped_waiting(accelerator, progress):
+        return None
+    if batch is None:  # another rank is inside this step already: wait on, all stop at its end
+        batch = batches.next(timeout=STOP_GRACE_S)
+    if batch is None:  # that rank cannot leave the step's collectives to checkpoint, nor can this one join
+        raise SpeakeridError(
+            f"rank {accelerator.process_index}: stopped while waiting for data that has not come {STOP_GRACE_S:.0f} s "
+            f"later, while another rank is already inside step {progress.step + 1}: no checkpoint of this moment; the "
+            f"run resumes from {latest_checkpoint(run_dir) or 'the start'} (the reader's warnings name the shard)")
+    return batch

@@ -28,12 +28,15 @@ class Progress:
 
 @dataclass
 class TrainingState:
-    """speakerid's own resumable state, one JSON file per rank beside accelerate's files.
+    """Everything speakerid itself checkpoints beside accelerate's files: the position (``progress.json``, written last
+    by the main process, so a checkpoint without it is incomplete; read first, as the reader starts from it) and, one
+    file per rank, the LR schedule (``training_state_<rank>.json``) and the epoch's data report so far.
 
     Not ``register_for_checkpointing``: accelerate reads those back with a full pickle load, which runs whatever
     code a planted file holds.
     """
 
+    progress: Progress
     scheduler: object
     meter: EpochMeter  # the epoch's data report so far, so the report after a resume covers the whole epoch
 
@@ -46,6 +49,7 @@ class TrainingState:
         return checkpoint / f"data_meter_{rank}.safetensors"
 
     def save(self, checkpoint: Path, rank: int) -> None:
+        """This rank's files; ``progress.json`` follows once every rank's are written (checkpoints.save_checkpoint)."""
         self.path(checkpoint, rank).write_text(json.dumps({"scheduler": self.scheduler.state_dict()}))
         self.meter.save(self.meter_path(checkpoint, rank))
 
