@@ -1,6 +1,6 @@
 """The loader benchmark's memory figures: each DataLoader worker's resident set, measured (the kernel's high-water
 mark VmHWM in /proc/PID/status, and the same for a worker of an empty DataLoader: what any worker costs before it
-reads anything), and speakerid's per-worker bytes from a formula over batches.py's data structures (pool and
+reads anything), and speakerid's per-worker bytes from a formula over the reader stages' data structures (pool and
 partial-tuple peaks replayed without decoding).
 """
 
