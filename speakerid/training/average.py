@@ -26,7 +26,7 @@ from speakerid.errors import SpeakeridError
 from speakerid.training.checkpoints import complete_checkpoints
 
 MODEL_WEIGHTS = "model.safetensors"  # accelerate's save_state: the first prepared module, the model (the loss is _1)
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile put these in front of the model's own keys
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP/torch.compile key prefixes, should a saved state carry them
 
 
 @dataclass
