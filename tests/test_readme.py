@@ -17,7 +17,7 @@ from speakerid.errors import SpeakeridError
 REPO = Path(__file__).resolve().parents[1]
 PARSERS = {"shardify": "shardify.__main__", "evaluate": "evaluate.__main__", "train": "train.__main__",
            "speakerid.data.synthetic": "speakerid.data.synthetic.__main__", "speakerid.demo": "speakerid.demo",
-           "speakerid.config": None}
+           "speakerid.config": None, "speakerid.average": "speakerid.average"}
 
 
 def readme_commands() -> list[str]:

@@ -8,7 +8,9 @@ claims the run directory and saves, rotates and loads ``checkpoints/step-NNNNNNN
 ``signals.py`` turns SIGTERM/SIGUSR1/SIGINT into a clean stop at the next step or while waiting for data
 (``StopFlag``, ``BatchFetcher``, ``next_batch``); ``logs.py`` writes ``metrics.jsonl``, draws the progress bar and
 measures a step's throughput; ``epoch.py`` starts an epoch and ends it (data report, export, validation, schedule);
-``loop.py`` holds ``train()`` — the loop, on one screen — with ``optimizer_step`` and ``training_step``.
+``loop.py`` holds ``train()`` — the loop, on one screen — with ``optimizer_step`` and ``training_step``. After a
+run, ``average.py`` averages the model weights of its last checkpoints into an inference checkpoint
+(``average_checkpoints``; its front door is ``python -m speakerid.average``).
 """
 
 from speakerid.training.build import (build_augmenter, build_model_and_loss, build_optimizer, build_scheduler,
