@@ -155,3 +155,29 @@ def test_training_with_speed_perturbation_resumes_bit_identical_and_records_its_
     saved = json.loads((whole / "training_state_0.json").read_text())["label_space"]
     exported = json.loads((tmp_path / "whole" / "export" / "speakerid.json").read_text())["extra"]["label_space"]
     assert all(saved[k] == exported[k] == v for k, v in space.items())
+
+
+@pytest.mark.parametrize("loss_name", ["aamsoftmax", "softmaxproto", "mp_balance", "mmp_balance", "angleproto"])
+def test_every_perturbed_label_fits_the_loss_built_for_the_label_space(loss_name):
+    """Classification and proxy losses get speakers × speeds classes; the top speed's last speaker is a valid class."""
+    from speakerid.training import build_model_and_loss
+
+    config = load_config(None, [f"loss.name={loss_name}", "model.options.n_out=8", "augment.speed_perturb=[0.9,1.0,1.1]"])
+    space = label_space(config.augment.speed_perturb, 7)
+    _, loss = build_model_and_loss(config, n_classes=space["n_classes"])
+    perturb = SpeedPerturb(config.augment.speed_perturb, 7, 400)
+    labels = perturb.labels(torch.tensor([6, 0, 3]), torch.tensor([2, 1, 0]))
+    assert labels.tolist() == [20, 7, 3]
+    value, _ = loss(torch.randn(3, 2, 8), labels)
+    assert torch.isfinite(value)
+    for parameter in loss.parameters():
+        if parameter.dim() == 2:  # class weights / proxies: one row (or column) per (speaker, speed)
+            assert space["n_classes"] in parameter.shape
+
+
+def test_an_explicit_nclasses_too_small_for_the_perturbed_labels_is_refused():
+    from speakerid.training import build_model_and_loss
+
+    config = load_config(None, ["loss.name=aamsoftmax", "loss.options.nClasses=7", "augment.speed_perturb=[0.9,1.0,1.1]"])
+    with pytest.raises(SpeakeridError, match="nClasses is 7 but the labels need 21"):
+        build_model_and_loss(config, n_classes=21)
