@@ -45,6 +45,8 @@ def test_speed_s_turns_a_sine_at_f_into_f_times_s_and_the_length_into_l_over_s(s
     inner = y[:, EDGE: y.shape[1] - EDGE]
     assert torch.allclose(_peak_hz(inner), torch.tensor([440.0, 1000.0, 3000.0], dtype=torch.float64) * speed, atol=1.0)
     assert inner.abs().max().item() == pytest.approx(1.0, abs=0.01)  # in band: the level is kept
+    played = _sines(torch.tensor([440.0, 1000.0, 3000.0]) * speed, y.shape[1])  # the same phase: no delay added
+    assert (y.cpu() - played)[:, EDGE:-EDGE].abs().max() < 5e-3
 
 
 def test_speed_ratios_are_reduced_and_read_lengths_cover_the_fastest_speed():
