@@ -1,5 +1,5 @@
 """What a checkpoint holds of speakerid's own: the position (epoch, step, batch) in ``progress.json`` and, per rank,
-the LR schedule (JSON) and the epoch's data report (safetensors). Nothing here is pickled."""
+the LR schedule and the label space (JSON) and the epoch's data report (safetensors). Nothing here is pickled."""
 
 from __future__ import annotations
 
