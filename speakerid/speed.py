@@ -39,7 +39,9 @@ EDGE = 32  # output samples skipped at the start of each row: the filter's left 
 
 def check_speeds(speeds, where: str = "augment.speed_perturb") -> tuple[float, ...]:
     """The configured speeds as a tuple, with 1.0 first (k = 0 keeps the original labels); [] means off."""
-    speeds = list(speeds or [])
+    if not isinstance(speeds, (list, tuple)):
+        raise SpeakeridError(f"{where}: give a list of speeds, e.g. [0.9, 1.0, 1.1] ([] for none), got {speeds!r}")
+    speeds = list(speeds)
     if not speeds:
         return ()
     if any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.5 <= s <= 2.0 for s in speeds):
