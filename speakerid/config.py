@@ -47,7 +47,7 @@ class LossSection:
 DataSection = dataclasses.make_dataclass("DataSection", [
     ("train_shards", str, option("", "training shard directory, its index.json, or an http(s) URL of either")),
     ("train_urls", str | None, option(None, "shard URLs instead of the index's neighbours (brace pattern, pipe:, http)")),
-    *batch_fields(exclude=("seed",)),
+    *batch_fields(exclude=("seed", "extra_samples")),
     ("workers", int, option(4, "DataLoader workers per rank")),
     ("io_timeout", float, option(60.0, "seconds without a byte from an http(s) or pipe: shard before it is an error")),
 ], namespace={"__module__": __name__})
@@ -58,6 +58,8 @@ class AugmentSection:
     enabled: bool = option(False, "MUSAN/RIR augmentation on the training device")
     musan_shards: str = option("", "MUSAN noise/speech/music shards (shardify pack --kind noise)")
     rir_shards: str = option("", "RIR shards (shardify pack --kind noise --root RIRS_NOISES/simulated_rirs)")
+    speed_perturb: list = option([], "speeds, each a new speaker identity, drawn per speaker row ([]: off; "
+                                     "modern recipes: [0.9, 1.0, 1.1])")
 
 
 @dataclass
@@ -122,9 +124,15 @@ class Config:
         return dataclasses.asdict(self)
 
     def batch_config(self) -> BatchConfig:
-        """What the reader takes: the data section's batch options, seeded with train.seed."""
-        options = {f.name: getattr(self.data, f.name) for f in dataclasses.fields(BatchConfig) if f.name != "seed"}
-        return BatchConfig(**options, seed=self.train.seed)
+        """What the reader takes: the data section's batch options, seeded with train.seed, reading longer crops when
+        speed perturbation cuts them after resampling."""
+        from speakerid.speed import read_samples  # torch: not needed to read a config
+
+        options = {f.name: getattr(self.data, f.name) for f in dataclasses.fields(BatchConfig)
+                   if f.name not in ("seed", "extra_samples")}
+        crop = BatchConfig(**options).crop_samples
+        return BatchConfig(**options, seed=self.train.seed,
+                           extra_samples=read_samples(crop, self.augment.speed_perturb) - crop)
 
 
 # voxceleb_trainer's option names → speakerid's dotted keys.

@@ -135,6 +135,8 @@ def test_the_average_of_a_trained_run_evaluates(corpus, tmp_path):
     expected = _mean([load_file(c / "model.safetensors") for c in checkpoints])
     weights = load_file(tmp_path / "avg" / "model.safetensors")
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    meta = json.loads((tmp_path / "avg" / "speakerid.json").read_text())
+    assert meta["extra"]["label_space"]["speeds"] == [1.0]  # the run's label space, as its own export records it
     run_module("evaluate", "--checkpoint", tmp_path / "avg", "--trials", corpus.trials, "--audio", corpus.root,
                "--out", tmp_path / "eval", "--workers", "0", env=ONE_THREAD)
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())

@@ -25,12 +25,15 @@ class BatchConfig:
     pool_factor: float = option(2.0, "draw a batch once the pool holds pool_factor × N speaker tuples")
     seed: int = option(0, "everything random: shard order, interleaving, crop positions, batch draws")
     shard_retries: int = option(3, "a shard whose reading fails this many passes in a row stops training")
+    extra_samples: int = option(0, "samples read beyond the crop (speed perturbation cuts the crop after resampling)")
 
     def __post_init__(self) -> None:
         for name in ("n_speakers", "utts_per_speaker", "max_frames", "max_seg_per_spk", "open_shards",
                      "shard_retries"):
             if getattr(self, name) < 1:
                 raise SpeakeridError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.extra_samples < 0:
+            raise SpeakeridError(f"extra_samples must be at least 0, got {self.extra_samples}")
         if self.pool_factor < 1:
             raise SpeakeridError(f"pool_factor must be at least 1, got {self.pool_factor}")
         if self.max_seg_per_spk < self.utts_per_speaker:
@@ -39,6 +42,11 @@ class BatchConfig:
     @property
     def crop_samples(self) -> int:
         return self.max_frames * 160 + 240
+
+    @property
+    def read_samples(self) -> int:
+        """Samples the reader crops per utterance: the crop, plus what speed perturbation needs to cut it after."""
+        return self.crop_samples + self.extra_samples
 
     @classmethod
     def from_dict(cls, options: dict) -> "BatchConfig":

@@ -117,7 +117,7 @@ class TrainStream:
             partial(interleave, open_shards=config.open_shards, rng=rng, faults=faults, failures=failures,
                     io_timeout=self.shards.io_timeout),
             # → Utterance (a wav crop is cut here, a flac member waits for emission)
-            partial(parse, encoding=self.shards.encoding, crop_samples=config.crop_samples, rng=rng,
+            partial(parse, encoding=self.shards.encoding, crop_samples=config.read_samples, rng=rng,
                     pass_number=pass_number, faults=faults),
             partial(apply_quota, quota=self.plan.quota),  # at most max_seg_per_spk utterances of a speaker
             partial(group_tuples, m=config.utts_per_speaker),  # → M-tuples of one speaker

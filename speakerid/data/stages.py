@@ -195,7 +195,7 @@ class Batcher:
         if isinstance(utt.payload, np.ndarray) or (utt.checked and not decode):
             return utt.payload
         try:
-            return read_crop(utt.payload, "flac", utt.samples, self.config.crop_samples, utt.u)
+            return read_crop(utt.payload, "flac", utt.samples, self.config.read_samples, utt.u)
         except (ValueError, RuntimeError) as error:
             if utt.checked:  # skipping would have kept it: dropping it here would make resume inexact
                 raise SpeakeridError(f"{utt.key}: member passes its crc32 but does not decode ({error}); "
@@ -207,7 +207,7 @@ class Batcher:
     def draw(self, rng: np.random.Generator, pass_number: int, decode: bool) -> dict | None:
         """One batch from the pool; None (the pool unchanged but for dropped tuples) when too few speakers decode."""
         pool = self.pool
-        n, m, length = self.config.n_speakers, self.config.utts_per_speaker, self.config.crop_samples
+        n, m, length = self.config.n_speakers, self.config.utts_per_speaker, self.config.read_samples
         chosen: list[list[Utterance]] = []
         crops = np.empty((n, m, length), dtype=np.int16) if decode else None
         for label in pool.draw_order(rng, pass_number):

@@ -1,9 +1,9 @@
 """The Accelerate training loop and its parts, in the order a run meets them.
 
 ``build.py`` turns the config into a ``Run`` (``build_run``: accelerator, model + loss, optimizer, LR schedule,
-on-device augmenter, the rank's batch loader, the claimed run directory), with the checks said before the first
+on-device augmenter and speed perturbation, the label space, the rank's batch loader, the claimed run directory), with the checks said before the first
 step, mixed precision and the margin warm-up; ``state.py`` is what speakerid itself checkpoints (``TrainingState``:
-``Progress`` — epoch, step, reader position — the LR schedule and the epoch's data report); ``checkpoints.py``
+``Progress`` — epoch, step, reader position — the LR schedule, the epoch's data report and the label space); ``checkpoints.py``
 claims the run directory and saves, rotates and loads ``checkpoints/step-NNNNNNNN`` (``Checkpoints``);
 ``signals.py`` turns SIGTERM/SIGUSR1/SIGINT into a clean stop at the next step or while waiting for data
 (``StopFlag``, ``BatchFetcher``, ``next_batch``); ``logs.py`` writes ``metrics.jsonl``, draws the progress bar and

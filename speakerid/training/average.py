@@ -14,7 +14,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
@@ -24,6 +23,7 @@ from speakerid.config import load_config
 from speakerid.data.lists import listed
 from speakerid.errors import SpeakeridError
 from speakerid.training.checkpoints import complete_checkpoints
+from speakerid.training.state import TrainingState
 
 MODEL_WEIGHTS = "model.safetensors"  # accelerate's save_state: the first prepared module, the model (the loss is _1)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP/torch.compile key prefixes, should a saved state carry them
@@ -141,6 +141,9 @@ def average_checkpoints(run_dir: str | Path, out: str | Path, *, last: int | Non
     steps, epochs = [int(p["step"]) for p in progress], [int(p["epoch"]) for p in progress]
     averaged = {"checkpoints": [str(c) for c in checkpoints], "steps": steps, "epochs": epochs,
                 "integer_tensors": "the last checkpoint's"}
+    state = TrainingState.path(checkpoints[-1], rank=0)  # what the loss's labels meant (speed perturbation)
+    label_space = json.loads(state.read_text()).get("label_space", {}) if state.is_file() else {}
     save_inference_checkpoint(out, model.eval(), model_name=config.model.name, model_options=config.model.options,
-                              loss_name=config.loss.name, extra={"config": config.to_dict(), "averaged": averaged})
+                              loss_name=config.loss.name,
+                              extra={"config": config.to_dict(), "label_space": label_space, "averaged": averaged})
     return AveragedCheckpoint(out, checkpoints, steps, epochs)

@@ -19,6 +19,7 @@ from speakerid.data.shardset import ShardSet
 from speakerid.errors import SpeakeridError
 from speakerid.losses import build_loss, loss_class, loss_options
 from speakerid.models import build_model, canonical_options, model_options
+from speakerid.speed import SpeedPerturb, label_space
 from speakerid.training.checkpoints import claim_run_dir, latest_checkpoint
 from speakerid.training.state import Progress, TrainingState
 
@@ -38,6 +39,7 @@ class Run:
     per_epoch: int  # batches per epoch, the same on every rank
     state: TrainingState
     checkpoint: Path | None  # the latest complete checkpoint, to resume from
+    speed: object | None = None  # speakerid.speed.SpeedPerturb, when augment.speed_perturb lists speeds
 
 
 def build_run(config: Config, force: bool) -> Run:
@@ -49,7 +51,8 @@ def build_run(config: Config, force: bool) -> Run:
     set_seed(config.train.seed)
     shards = ShardSet.open(config.data.train_shards, urls=config.data.train_urls, io_timeout=config.data.io_timeout)
     check_config(config, shards)
-    model, loss = build_model_and_loss(config, n_classes=len(shards.index["speakers"]))
+    labels = label_space(config.augment.speed_perturb, len(shards.index["speakers"]))  # each speed its own speakers
+    model, loss = build_model_and_loss(config, n_classes=labels["n_classes"])
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, list(model.parameters()) + list(loss.parameters()))
@@ -58,6 +61,8 @@ def build_run(config: Config, force: bool) -> Run:
     per_epoch = batches_per_epoch(shards.index, data, world, config.data.workers)
     scheduler = build_scheduler(config, optimizer, per_epoch // config.optim.grad_accum)
     augmenter = build_augmenter(config, accelerator)
+    speed = (SpeedPerturb(config.augment.speed_perturb, len(shards.index["speakers"]), data.crop_samples,
+                          seed=config.train.seed, stream=rank) if config.augment.speed_perturb else None)
     run_dir = claim_run_dir(config, force)
     checkpoint = latest_checkpoint(run_dir)
     progress = Progress.load(checkpoint / "progress.json") if checkpoint is not None else Progress()
@@ -72,7 +77,7 @@ def build_run(config: Config, force: bool) -> Run:
     # per-epoch coverage of this rank's share of the usable utterances, and damaged input skipped
     meter = EpochMeter(usable_utterances(shards.index, data, world * max(1, config.data.workers)) // world)
     return Run(config, accelerator, run_dir, model, loss, optimizer, augmenter, loader, per_epoch,
-               TrainingState(progress, scheduler, meter), checkpoint)
+               TrainingState(progress, scheduler, meter, labels), checkpoint, speed)
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -94,6 +99,9 @@ def build_model_and_loss(config: Config, n_classes: int) -> tuple[torch.nn.Modul
         options["nOut"] = n_out
     if "nClasses" in accepted and "nClasses" not in options:
         options["nClasses"] = n_classes
+    elif "nClasses" in accepted and options["nClasses"] < n_classes:
+        raise SpeakeridError(f"loss.options.nClasses is {options['nClasses']} but the labels need {n_classes} classes "
+                             "(speakers × augment.speed_perturb speeds); leave nClasses out: it is filled from the data")
     return model, build_loss(config.loss.name, **options)
 
 

@@ -32,7 +32,8 @@ def end_of_epoch(run: Run, model, loss, metrics: MetricsLog, validate, export) -
         accelerator.print(f"epoch {progress.epoch}: skipped {data_report['corrupt_members']} damaged member(s) "
                           f"and the rest of {data_report['damaged_shards']} damaged shard(s) (see the warnings)")
     state.meter.next_epoch()
-    result = export_and_validate(config, accelerator, model, loss, progress, run.run_dir, validate, export)
+    result = export_and_validate(config, accelerator, model, loss, progress, run.run_dir, validate, export,
+                                 label_space=state.label_space)
     if result:
         metrics.write(step=progress.step, epoch=progress.epoch, **result)
     if config.schedule.name == "plateau":
@@ -44,11 +45,11 @@ def end_of_epoch(run: Run, model, loss, metrics: MetricsLog, validate, export) -
 
 
 def export_and_validate(config: Config, accelerator: Accelerator, model, loss, progress: Progress, run_dir: Path,
-                        validate, export) -> dict | None:
+                        validate, export, label_space: dict | None = None) -> dict | None:
     """Export the inference checkpoint; validate every test_interval epochs (when a trial list is set)."""
     unwrapped = accelerator.unwrap_model(model)
     if export is None:
-        export = default_export(config)
+        export = default_export(config, label_space)
     if accelerator.is_main_process and export is not False:
         export(unwrapped, run_dir)
     accelerator.wait_for_everyone()
@@ -63,8 +64,8 @@ def export_and_validate(config: Config, accelerator: Accelerator, model, loss, p
     return result
 
 
-def default_export(config: Config):
-    """Writes run_dir/export/ (safetensors + JSON) through speakerid.inference, when it is available."""
+def default_export(config: Config, label_space: dict | None = None):
+    """Writes run_dir/export/ (safetensors + JSON, with the label space in ``extra``) through speakerid.inference."""
     try:
         from speakerid.inference import save_inference_checkpoint
     except ImportError:
@@ -73,7 +74,7 @@ def default_export(config: Config):
     def export(model, run_dir: Path) -> None:
         save_inference_checkpoint(run_dir / "export", model, model_name=config.model.name,
                                   model_options=config.model.options, loss_name=config.loss.name,
-                                  extra={"config": config.to_dict()})
+                                  extra={"config": config.to_dict(), "label_space": dict(label_space or {})})
     return export
 
 

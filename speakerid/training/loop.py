@@ -103,10 +103,13 @@ def finish(run: Run, bar: EpochBar, result: TrainResult, stopped: bool) -> Train
 def optimizer_step(run: Run, model, loss, optimizer, batch: dict) -> dict:
     """One batch through training_step and the optimizer (accumulating as configured); the step's record."""
     config, accelerator, progress = run.config, run.accelerator, run.state.progress
-    # the step's augmentation is a function of (seed, rank, batch index): exact on resume, nothing saved
+    # the step's speeds and augmentation are a function of (seed, rank, batch index): exact on resume, nothing saved
     generator = run.augmenter.at_step(progress.batch) if run.augmenter is not None else None
+    if generator is None and run.speed is not None:
+        generator = run.speed.at_step(progress.batch)
     with accelerator.accumulate(model, loss):
-        value, accuracy, augmented = training_step(model, loss, batch, accelerator, config, run.augmenter, generator)
+        value, accuracy, augmented = training_step(model, loss, batch, accelerator, config, run.augmenter, generator,
+                                                   run.speed)
         optimizer.step()
         if config.schedule.interval == "step" and accelerator.sync_gradients and config.schedule.name != "plateau":
             run.state.scheduler.step()
@@ -125,15 +128,20 @@ def optimizer_step(run: Run, model, loss, optimizer, batch: dict) -> dict:
 
 
 def training_step(model, loss, batch: dict, accelerator: Accelerator, config: Config, augmenter=None,
-                  generator: torch.Generator | None = None) -> tuple[float, float, int]:
-    """int16 (N, M, L) → float on the device → (augmented) → embeddings (N·M, D) → loss on (N, M, D) → backward.
+                  generator: torch.Generator | None = None, speed=None) -> tuple[float, float, int]:
+    """int16 (N, M, L) → float on the device → (speed-perturbed: labels too) → (augmented) → embeddings (N·M, D) →
+    loss on (N, M, D) → backward.
 
     Returns (loss, accuracy %, utterances augmented). Reading the loss waits for the device once a step; the loop
     needs it anyway, for the NaN check and the per-step rate."""
     audio = batch["audio"].to(accelerator.device, non_blocking=True)
     labels = batch["labels"].to(accelerator.device, non_blocking=True)
-    n, m, length = audio.shape
-    waveforms = int16_to_float(audio.reshape(n * m, length))
+    waveforms = int16_to_float(audio)
+    if speed is not None:  # drawn before the augmentation, from the same step generator
+        speeds = speed.draw(len(labels), generator)
+        waveforms, labels = speed.apply(waveforms, speeds), speed.labels(labels, speeds)
+    n, m, length = waveforms.shape
+    waveforms = waveforms.reshape(n * m, length)
     augmented = 0
     if augmenter is not None:
         plan = augmenter.draw(n * m, generator)
