@@ -1,19 +1,23 @@
 """SpecAugment: masks only where the plan says, within WeSpeaker's bounds, through every model's hook, in training
-mode only, with no state added."""
+mode only, with no state added; and in training, off changes nothing while on resumes bit-identically."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 from torch import nn
 
 from speakerid.augment import step_generator
+from speakerid.config import AugmentSection
 from speakerid.errors import SpeakeridError
 from speakerid.models import MODELS, build_model
 from speakerid.specaugment import SpecAugment, SpecAugmentConfig, attach
+from tests.conftest import run_module
 from tests.test_models import waveforms
+from tests.test_training import _args, _assert_same_final_weights, _final_weights, train_shards  # noqa: F401
 
 
 def reference_masking(features: torch.Tensor, plan) -> torch.Tensor:
@@ -141,3 +145,36 @@ def test_a_step_draws_the_same_masks_anew_and_apart_from_the_musan_draws():
     spec.at_step(9)
     musan = step_generator(5, 1, 9)  # the MUSAN/RIR draws of the same (seed, rank, step)
     assert not torch.equal(torch.rand(8, generator=musan), torch.rand(8, generator=spec.generator))
+
+
+def test_run_config_defaults_are_the_modules_and_bad_values_name_the_key():
+    section = AugmentSection()
+    assert section.spec_augment is False  # off by default
+    config = SpecAugmentConfig()
+    assert (section.spec_prob, section.spec_time_masks, section.spec_time_width, section.spec_freq_masks,
+            section.spec_freq_width) == (config.prob, config.time_masks, config.time_width, config.freq_masks,
+                                         config.freq_width)
+    for bad, key in (({"prob": 1.5}, "augment.spec_prob"), ({"time_width": 0}, "augment.spec_time_width"),
+                     ({"freq_masks": -1}, "augment.spec_freq_masks")):
+        with pytest.raises(SpeakeridError, match=key):
+            SpecAugmentConfig(**bad)
+
+
+def test_training_with_masks_is_logged_and_resumes_bit_identical(train_shards, tmp_path):  # noqa: F811
+    """On, the masks change the weights, every step logs how many utterances it masked, and a stopped and resumed run
+    ends bit-identical to an uninterrupted one: each step's masks come from (seed, rank, step). Off, the loop is the
+    one every other training test runs (the hook is an nn.Identity)."""
+    on = ("augment.spec_augment=true", "augment.spec_prob=1.0", "augment.spec_time_width=5", "augment.spec_freq_width=4")
+    run_module("train", *_args(train_shards, tmp_path / "off", "train.log_every=1"))
+    run_module("train", *_args(train_shards, tmp_path / "whole", *on, "train.log_every=1"))
+    model_off, _, _ = _final_weights(tmp_path / "off")
+    model_on, _, _ = _final_weights(tmp_path / "whole")
+    assert any(not torch.equal(model_off[k], model_on[k]) for k in model_off)
+    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    masked = [r["spec_masked"] for r in records if "spec_masked" in r]
+    assert masked and all(m == 8 for m in masked)  # batch_size 4 × nPerSpeaker 2, prob 1
+    off_records = (tmp_path / "off" / "metrics.jsonl").read_text()
+    assert "spec_masked" not in off_records
+    run_module("train", *_args(train_shards, tmp_path / "resumed", *on), "--stop-after-steps", "7")
+    run_module("train", *_args(train_shards, tmp_path / "resumed", *on))
+    _assert_same_final_weights(tmp_path / "whole", tmp_path / "resumed")
