@@ -178,3 +178,10 @@ def test_training_with_masks_is_logged_and_resumes_bit_identical(train_shards, t
     run_module("train", *_args(train_shards, tmp_path / "resumed", *on), "--stop-after-steps", "7")
     run_module("train", *_args(train_shards, tmp_path / "resumed", *on))
     _assert_same_final_weights(tmp_path / "whole", tmp_path / "resumed")
+
+
+def test_a_bad_spec_augment_option_fails_before_the_run_directory_is_claimed(train_shards, tmp_path):  # noqa: F811
+    result = run_module("train", *_args(train_shards, tmp_path / "run"), "augment.spec_augment=true",
+                        "augment.spec_time_width=0", check=False)
+    assert result.returncode == 2 and "augment.spec_time_width (the widest mask) must be ≥ 1" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "config.yaml").exists()
