@@ -7,12 +7,12 @@ Importing it never needs torchaudio (its PyPI wheels are CUDA builds that fail n
 Where each idea lives, in the order data flows: ``data`` (audio lists → shards → shard I/O → reader stages → N×M
 batches; evaluation audio; augmentation banks; the synthetic corpus), ``audio`` (decoding, crops), ``speed``
 (speed perturbation: batched resampling, each speed its own speakers), ``augment`` (MUSAN/RIR on the device),
-``features`` (front-ends), ``models`` and ``losses`` (registries, one family a file), ``training`` (the Accelerate
-loop and its parts; checkpoint averaging, whose front door is ``average``: ``python -m speakerid.average``),
-``inference`` and ``checkpoint`` (checkpoints in, and the seeds' ``.model`` files), ``evaluation`` (extraction →
-scoring → report) with ``metrics`` (EER, minDCF, DET), ``config`` and ``options`` (the typed run config), ``demo``
-(``make demo``), ``errors``, ``tempfiles`` and ``runtime`` (small shared pieces). The README's "How the code is
-laid out" draws the same map.
+``features`` (front-ends), ``specaugment`` (time/frequency masks after them, in training), ``models`` and
+``losses`` (registries, one family a file), ``training`` (the Accelerate loop and its parts; checkpoint averaging,
+whose front door is ``average``: ``python -m speakerid.average``), ``inference`` and ``checkpoint`` (checkpoints
+in, and the seeds' ``.model`` files), ``evaluation`` (extraction → scoring → report) with ``metrics`` (EER, minDCF,
+DET), ``config`` and ``options`` (the typed run config), ``demo`` (``make demo``), ``errors``, ``tempfiles`` and
+``runtime`` (small shared pieces). The README's "How the code is laid out" draws the same map.
 """
 
 __version__ = "0.1.0"

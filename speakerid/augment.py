@@ -135,9 +135,10 @@ def fft_length(n: int) -> int:
     return best
 
 
-def step_generator(seed: int, stream: int, step: int) -> torch.Generator:
-    """A CPU generator seeded from (seed, stream, step) alone (numpy's SeedSequence mixes them into 64 bits)."""
-    high, low = np.random.SeedSequence([seed, stream, 13, step]).generate_state(2)
+def step_generator(seed: int, stream: int, step: int, purpose: int = 13) -> torch.Generator:
+    """A CPU generator seeded from (seed, stream, step) alone (numpy's SeedSequence mixes them into 64 bits);
+    ``purpose`` keeps the draws of different augmentations (13: MUSAN/RIR) independent of each other."""
+    high, low = np.random.SeedSequence([seed, stream, purpose, step]).generate_state(2)
     return torch.Generator().manual_seed(int(high) << 32 | int(low))
 
 

@@ -60,6 +60,13 @@ class AugmentSection:
     rir_shards: str = option("", "RIR shards (shardify pack --kind noise --root RIRS_NOISES/simulated_rirs)")
     speed_perturb: list = option([], "speeds, each a new speaker identity, drawn per speaker row ([]: off; "
                                      "modern recipes: [0.9, 1.0, 1.1])")
+    # SpecAugment (speakerid/specaugment.py); defaults are WeSpeaker's spec_aug_conf, equal to SpecAugmentConfig's
+    spec_augment: bool = option(False, "SpecAugment: time and frequency masks on the features after the front-end, in training")
+    spec_prob: float = option(0.6, "SpecAugment: share of utterances masked")
+    spec_time_masks: int = option(1, "SpecAugment: time masks per masked utterance")
+    spec_time_width: int = option(10, "SpecAugment: widest time mask, frames (10 ms); widths drawn from 1 to it")
+    spec_freq_masks: int = option(1, "SpecAugment: frequency masks per masked utterance")
+    spec_freq_width: int = option(8, "SpecAugment: widest frequency mask, feature bins (mels, fbanks)")
 
 
 @dataclass

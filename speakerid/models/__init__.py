@@ -7,7 +7,8 @@ embeddings ``(B, D)``; its front-end is part of it. The seeds' option names are 
 Where things live: ``resnet_se`` (the seeds' ResNetSE34L/V2/34), ``vggvox`` (VGGVox40), ``resnet`` (the
 WeSpeaker-style ResNet34), ``ecapa`` (ECAPA-TDNN), ``pooling`` (SAP, ASP, TAP, max and (channel-attentive)
 statistics pooling); the front-ends (spectrogram, HTK mel, Kaldi fbank) are in ``speakerid.features``. Adding
-a model is a file here and a line in ``MODELS`` below.
+a model is a file here and a line in ``MODELS`` below. Every model calls ``self.spec_augment`` (an ``nn.Identity``)
+on its features right after the front-end: training puts SpecAugment's masks there (``speakerid.specaugment``).
 """
 
 from __future__ import annotations

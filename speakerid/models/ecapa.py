@@ -89,6 +89,7 @@ class ECAPATDNN(nn.Module):
         super().__init__()
         self.n_mels, self.n_out = n_mels, n_out
         self.fbank = KaldiFbank(n_mels=n_mels, subtract_mean=True)
+        self.spec_augment = nn.Identity()  # SpecAugment's hook: masks in training (speakerid.specaugment.attach)
         self.layer1 = Conv1dReluBn(n_mels, channels, kernel_size=5)
         self.layer2 = SERes2Block(channels, 3, dilation=2, scale=scale, se_bottleneck=se_bottleneck)
         self.layer3 = SERes2Block(channels, 3, dilation=3, scale=scale, se_bottleneck=se_bottleneck)
@@ -100,7 +101,7 @@ class ECAPATDNN(nn.Module):
         self.fc_bn = nn.BatchNorm1d(n_out)
 
     def forward(self, waveform: Tensor) -> Tensor:
-        x = kaldi_log_fbank(self.fbank, waveform)  # (B, n_mels, T)
+        x = self.spec_augment(kaldi_log_fbank(self.fbank, waveform))  # (B, n_mels, T)
         out1 = self.layer1(x)
         out2 = self.layer2(out1)
         out3 = self.layer3(out2)

@@ -42,6 +42,7 @@ class ResNet34(nn.Module):
         super().__init__()
         self.n_mels, self.n_out = n_mels, n_out
         self.fbank = KaldiFbank(n_mels=n_mels, subtract_mean=True)
+        self.spec_augment = nn.Identity()  # SpecAugment's hook: masks in training (speakerid.specaugment.attach)
         widths = [base_channels * m for m in (1, 2, 4, 8)]
         self.conv1 = nn.Conv2d(1, widths[0], kernel_size=3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -57,7 +58,7 @@ class ResNet34(nn.Module):
         self.fc = nn.Linear(stats_dim, n_out)
 
     def forward(self, waveform: Tensor) -> Tensor:
-        x = kaldi_log_fbank(self.fbank, waveform).unsqueeze(1)  # (B, 1, n_mels, T)
+        x = self.spec_augment(kaldi_log_fbank(self.fbank, waveform)).unsqueeze(1)  # (B, 1, n_mels, T)
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.pool(x.flatten(1, 2)))

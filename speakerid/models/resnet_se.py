@@ -120,6 +120,7 @@ class ResNetSE34L(nn.Module):
         filters = (16, 32, 64, 128)
         self.encoder_type, self.n_mels, self.log_input, self.n_out = encoder_type, n_mels, log_input, n_out
         self.torchfb = MelSpectrogram(n_mels=n_mels, window=window)
+        self.spec_augment = nn.Identity()  # SpecAugment's hook: masks in training (speakerid.specaugment.attach)
         self.conv1 = nn.Conv2d(1, filters[0], kernel_size=7, stride=(2, 1), padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(filters[0])
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet34_layers(filters, last_stride=(1, 1))
@@ -129,7 +130,7 @@ class ResNetSE34L(nn.Module):
         init_seed_weights(self)
 
     def forward(self, waveform: Tensor) -> Tensor:
-        x = seed_log_mel(self.torchfb, waveform, self.log_input)
+        x = self.spec_augment(seed_log_mel(self.torchfb, waveform, self.log_input))
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = x.mean(dim=2).transpose(1, 2)  # mean over frequency → (B, T, C)
@@ -152,6 +153,7 @@ class ResNetSE34V2(nn.Module):
         filters = (32, 64, 128, 256)
         self.encoder_type, self.n_mels, self.log_input, self.n_out = encoder_type, n_mels, log_input, n_out
         self.torchfb = nn.Sequential(PreEmphasis(), MelSpectrogram(n_mels=n_mels, window="hamming"))
+        self.spec_augment = nn.Identity()  # SpecAugment's hook: masks in training (speakerid.specaugment.attach)
         self.conv1 = nn.Conv2d(1, filters[0], kernel_size=3, stride=1, padding=1)
         self.bn1 = nn.BatchNorm2d(filters[0])
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet34_layers(filters, last_stride=(2, 2))
@@ -168,7 +170,7 @@ class ResNetSE34V2(nn.Module):
         init_seed_weights(self)
 
     def forward(self, waveform: Tensor) -> Tensor:
-        x = seed_log_mel(self.torchfb, waveform, self.log_input)
+        x = self.spec_augment(seed_log_mel(self.torchfb, waveform, self.log_input))
         x = self.bn1(F.relu(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, C·F, T)
@@ -194,6 +196,7 @@ class ResNetSE34(nn.Module):
         filters = (16, 32, 64, 128)
         self.encoder_type, self.log_input, self.n_out = encoder_type, log_input, n_out
         self.stft = Spectrogram(512, 400, 160, window="hann", power=1.0, center=False, persistent=False)
+        self.spec_augment = nn.Identity()  # SpecAugment's hook: masks in training (speakerid.specaugment.attach)
         self.conv1 = nn.Conv2d(1, filters[0], kernel_size=7, stride=(2, 1), padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(filters[0])
         self.maxPool = nn.MaxPool2d(kernel_size=(3, 3), stride=(2, 1), padding=1)  # noqa: N815 (seed's name)
@@ -209,6 +212,7 @@ class ResNetSE34(nn.Module):
             if self.log_input:
                 x = x.log()
             x = F.instance_norm(x, eps=1e-5).unsqueeze(1)
+        x = self.spec_augment(x)
         x = self.maxPool(F.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = x.mean(dim=2).transpose(1, 2)

@@ -46,9 +46,10 @@ class VGGVox40(nn.Module):
             self.attention = xavier_parameter(512, 1)
         self.fc = nn.Linear(512, n_out)
         self.torchfb = MelSpectrogram(n_mels=N_MELS, window="hann", f_min=0.0, f_max=8000.0)
+        self.spec_augment = nn.Identity()  # SpecAugment's hook: masks in training (speakerid.specaugment.attach)
 
     def forward(self, waveform: Tensor) -> Tensor:
-        x = self.netcnn(seed_log_mel(self.torchfb, waveform, self.log_input))  # (B, 512, 1, T')
+        x = self.netcnn(self.spec_augment(seed_log_mel(self.torchfb, waveform, self.log_input)))  # (B, 512, 1, T')
         x = x.flatten(1, 2).transpose(1, 2)  # (B, T', 512)
         if self.encoder_type == "SAP":
             return self.fc(self_attentive_pool(x, self.sap_linear, self.attention))

@@ -35,6 +35,7 @@ class Run:
     loss: torch.nn.Module
     optimizer: torch.optim.Optimizer
     augmenter: object | None  # speakerid.augment.Augmenter, when augment.enabled
+    spec_augment: object | None  # speakerid.specaugment.SpecAugment in the model's hook, when augment.spec_augment
     loader: object  # the rank's DataLoader of whole batches, starting at state.progress.batch
     per_epoch: int  # batches per epoch, the same on every rank
     state: TrainingState
@@ -63,6 +64,7 @@ def build_run(config: Config, force: bool) -> Run:
     augmenter = build_augmenter(config, accelerator)
     speed = (SpeedPerturb(config.augment.speed_perturb, len(shards.index["speakers"]), data.crop_samples,
                           seed=config.train.seed, stream=rank) if config.augment.speed_perturb else None)
+    spec_augment = build_spec_augment(config, accelerator, model)
     run_dir = claim_run_dir(config, force)
     checkpoint = latest_checkpoint(run_dir)
     progress = Progress.load(checkpoint / "progress.json") if checkpoint is not None else Progress()
@@ -76,7 +78,7 @@ def build_run(config: Config, force: bool) -> Run:
         accelerator.init_trackers("tensorboard")
     # per-epoch coverage of this rank's share of the usable utterances, and damaged input skipped
     meter = EpochMeter(usable_utterances(shards.index, data, world * max(1, config.data.workers)) // world)
-    return Run(config, accelerator, run_dir, model, loss, optimizer, augmenter, loader, per_epoch,
+    return Run(config, accelerator, run_dir, model, loss, optimizer, augmenter, spec_augment, loader, per_epoch,
                TrainingState(progress, scheduler, meter, labels), checkpoint, speed)
 
 
@@ -185,3 +187,17 @@ def build_augmenter(config: Config, accelerator: Accelerator):
     base = AugmentConfig()
     p_none = base.p_none + sum(getattr(base, k) for k in {**no_musan, **no_rir})
     return Augmenter(AugmentConfig(**no_musan, **no_rir, p_none=p_none), musan, rirs, seed=config.train.seed, stream=stream)
+
+
+def build_spec_augment(config: Config, accelerator: Accelerator, model: torch.nn.Module):
+    """SpecAugment in the model's hook (after its front-end), drawing per (seed, rank, step); None when off."""
+    if not config.augment.spec_augment:
+        return None
+    from speakerid.specaugment import SpecAugment, SpecAugmentConfig, attach
+
+    a = config.augment
+    spec = SpecAugment(SpecAugmentConfig(prob=a.spec_prob, time_masks=a.spec_time_masks, time_width=a.spec_time_width,
+                                         freq_masks=a.spec_freq_masks, freq_width=a.spec_freq_width),
+                       seed=config.train.seed, stream=accelerator.process_index)
+    attach(model, spec, config.model.name)
+    return spec

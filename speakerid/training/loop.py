@@ -107,6 +107,8 @@ def optimizer_step(run: Run, model, loss, optimizer, batch: dict) -> dict:
     generator = run.augmenter.at_step(progress.batch) if run.augmenter is not None else None
     if generator is None and run.speed is not None:
         generator = run.speed.at_step(progress.batch)
+    if run.spec_augment is not None:  # the model's SpecAugment hook draws this step's masks from the same triple
+        run.spec_augment.at_step(progress.batch)
     with accelerator.accumulate(model, loss):
         value, accuracy, augmented = training_step(model, loss, batch, accelerator, config, run.augmenter, generator,
                                                    run.speed)
@@ -124,7 +126,8 @@ def optimizer_step(run: Run, model, loss, optimizer, batch: dict) -> dict:
         )
     return {"loss": value, "accuracy": accuracy, "lr": optimizer.param_groups[0]["lr"],
             **({"margin": accelerator.unwrap_model(loss).margin} if config.loss.margin_warmup_end else {}),
-            **({"augmented": augmented} if run.augmenter is not None else {})}
+            **({"augmented": augmented} if run.augmenter is not None else {}),
+            **({"spec_masked": run.spec_augment.last_masked} if run.spec_augment is not None else {})}
 
 
 def training_step(model, loss, batch: dict, accelerator: Accelerator, config: Config, augmenter=None,
