@@ -105,6 +105,9 @@ class TrainSection:
     channels_last: bool = option(False, "channels_last memory format for the 2-D CNNs")
     tensorboard: bool = option(False, "also log to TensorBoard through Accelerate's trackers")
     log_every: int = option(10, "steps between metrics.jsonl records")
+    init_from: str = option("", "a new run starts from these weights: a run directory (its latest complete checkpoint), "
+                                "an inference checkpoint or a voxceleb_trainer .model file; ignored when resuming")
+    init_skip: list = option([], "parts of init_from not loaded: [loss] starts the loss's parameters afresh")
 
 
 @dataclass
@@ -139,7 +142,7 @@ ALIASES = {
     "optimizer": "optim.name", "lr": "optim.lr", "weight_decay": "optim.weight_decay",
     "scheduler": "schedule.name", "lr_decay": "schedule.gamma",
     "test_interval": "train.test_interval", "max_epoch": "train.max_epoch", "save_path": "train.run_dir",
-    "seed": "train.seed", "mixedprec": "train.mixed_precision",
+    "seed": "train.seed", "mixedprec": "train.mixed_precision", "initial_model": "train.init_from",
     "test_list": "validation.trials", "test_path": "validation.audio", "eval_frames": "validation.eval_frames",
     "num_eval": "validation.num_eval",
 }
@@ -170,6 +173,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if annotation is list:
+        if not isinstance(value, list):
+            raise SpeakeridError(f"{where}: expected a list, e.g. [loss], got {value!r}")
+        return list(value)
     if annotation is dict:
         if not isinstance(value, dict):
             raise SpeakeridError(f"{where}: expected a mapping, got {value!r}")

@@ -20,6 +20,7 @@ from speakerid.errors import SpeakeridError
 from speakerid.losses import build_loss, loss_class, loss_options
 from speakerid.models import build_model, canonical_options, model_options
 from speakerid.training.checkpoints import claim_run_dir, latest_checkpoint
+from speakerid.training.init_from import check_init_skip, describe, init_weights, save_record
 from speakerid.training.state import Progress, TrainingState
 
 
@@ -50,6 +51,15 @@ def build_run(config: Config, force: bool) -> Run:
     shards = ShardSet.open(config.data.train_shards, urls=config.data.train_urls, io_timeout=config.data.io_timeout)
     check_config(config, shards)
     model, loss = build_model_and_loss(config, n_classes=len(shards.index["speakers"]))
+    # init_from starts a new run; a run directory with a checkpoint resumes from it instead (its own weights)
+    checkpoint = latest_checkpoint(Path(config.train.run_dir))
+    init = None
+    if config.train.init_from and checkpoint is None:
+        init = init_weights(config, model, loss, n_classes=len(shards.index["speakers"]))
+        accelerator.print(describe(init))
+    elif config.train.init_from:
+        check_init_skip(config)
+        accelerator.print(f"resuming {checkpoint}: train.init_from ({config.train.init_from}) applies to a new run only")
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, list(model.parameters()) + list(loss.parameters()))
@@ -59,7 +69,6 @@ def build_run(config: Config, force: bool) -> Run:
     scheduler = build_scheduler(config, optimizer, per_epoch // config.optim.grad_accum)
     augmenter = build_augmenter(config, accelerator)
     run_dir = claim_run_dir(config, force)
-    checkpoint = latest_checkpoint(run_dir)
     progress = Progress.load(checkpoint / "progress.json") if checkpoint is not None else Progress()
     # The loader is not prepared: each rank reads its own streams; the start position comes from progress.
     loader = train_loader(shards, data, rank=rank, world_size=world, workers=config.data.workers,
@@ -67,6 +76,8 @@ def build_run(config: Config, force: bool) -> Run:
     if accelerator.is_main_process:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
+        if init is not None:
+            save_record(init, run_dir)
     if config.train.tensorboard:
         accelerator.init_trackers("tensorboard")
     # per-epoch coverage of this rank's share of the usable utterances, and damaged input skipped
