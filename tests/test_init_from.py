@@ -108,6 +108,29 @@ def test_a_loss_head_for_another_number_of_speakers_is_refused_unless_skipped(tr
     _assert_exact(model, load_file(_latest(base_run) / "model.safetensors"))
 
 
+def test_class_weights_of_other_speakers_are_refused_unless_skipped(train_shards, base_run, tmp_path):
+    """Same number of speakers, other names (or labels): the AAM rows would belong to other speakers."""
+    ours = json.loads((train_shards / "index.json").read_text())["speakers"]  # name → label
+    assert len(ours) == N_SPEAKERS
+    config = _config(train_shards, tmp_path / "lm", f"train.init_from={base_run}")
+    model, loss = build_model_and_loss(config, n_classes=N_SPEAKERS)
+    assert init_weights(config, model, loss, n_classes=N_SPEAKERS, speakers=ours)["loss"] == "1 tensors loaded"
+    others = {**{k: v for k, v in ours.items() if v != 3}, "id99999": 3}
+    with pytest.raises(SpeakeridError, match=r"2 speakers are in one run and not the other, or have another label \(id00003, id99999\)"):
+        init_weights(config, model, loss, n_classes=N_SPEAKERS, speakers=others)
+    skipped = _config(train_shards, tmp_path / "lm", f"train.init_from={base_run}", "train.init_skip=[loss]")
+    assert init_weights(skipped, model, loss, n_classes=N_SPEAKERS, speakers=others)["loss"].startswith("not loaded")
+
+
+def test_bad_init_from_stops_the_front_door_before_the_run_directory_is_written(train_shards, base_run, tmp_path):
+    result = run_module("train", "--config", REPO / "configs/resnet34_aamsoftmax_lm.yaml", f"data.train_shards={train_shards}",
+                        f"train.run_dir={tmp_path / 'lm'}", f"initial_model={base_run}", *TINY, *RESNET,
+                        "model.options.n_out=48", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "fc.weight: file (32, 320), model ResNet34 (48, 320)" in result.stderr, result.stderr
+    assert not (tmp_path / "lm" / "config.yaml").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["model.name=ResNetSE34L", "model.options={n_out: 32}"], "holds a ResNet34 model but this run configures ResNetSE34L"),
     (["model.options.n_out=48"], "2 shape mismatch: fc.weight: file (32, 320), model ResNet34 (48, 320), fc.bias"),

@@ -50,12 +50,13 @@ def build_run(config: Config, force: bool) -> Run:
     set_seed(config.train.seed)
     shards = ShardSet.open(config.data.train_shards, urls=config.data.train_urls, io_timeout=config.data.io_timeout)
     check_config(config, shards)
-    model, loss = build_model_and_loss(config, n_classes=len(shards.index["speakers"]))
+    speakers = shards.index["speakers"]
+    model, loss = build_model_and_loss(config, n_classes=len(speakers))
     # init_from starts a new run; a run directory with a checkpoint resumes from it instead (its own weights)
     checkpoint = latest_checkpoint(Path(config.train.run_dir))
     init = None
     if config.train.init_from and checkpoint is None:
-        init = init_weights(config, model, loss, n_classes=len(shards.index["speakers"]))
+        init = init_weights(config, model, loss, n_classes=len(speakers), speakers=speakers)
         accelerator.print(describe(init))
     elif config.train.init_from:
         check_init_skip(config)

@@ -43,6 +43,7 @@ class InitSource:
     loss_state: dict[str, torch.Tensor] | None  # None: the source holds no loss parameters
     model_name: str | None  # the recorded architecture (None: a .model file does not record it)
     loss_name: str | None
+    train_shards: str | None = None  # a run directory's training shards, whose speakers its class head knows
 
 
 def read_init_source(path: str | Path) -> InitSource:
@@ -91,7 +92,8 @@ def _read_run_directory(run_dir: Path) -> InitSource:
     if states[0] is None:
         raise SpeakeridError(f"train.init_from: {checkpoint} holds no {ACCELERATE_FILES[0]}")
     return InitSource(checkpoint, "run directory, latest checkpoint", states[0], states[1] or {},
-                      recorded.get("model", {}).get("name"), recorded.get("loss", {}).get("name"))
+                      recorded.get("model", {}).get("name"), recorded.get("loss", {}).get("name"),
+                      recorded.get("data", {}).get("train_shards") or None)
 
 
 def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -106,11 +108,14 @@ def check_init_skip(config: Config) -> None:
                              f"{', '.join(SKIPPABLE)}")
 
 
-def init_weights(config: Config, model: nn.Module, loss: nn.Module, n_classes: int) -> dict:
+def init_weights(config: Config, model: nn.Module, loss: nn.Module, n_classes: int,
+                 speakers: dict[str, int] | None = None) -> dict:
     """Load ``config.train.init_from`` into the freshly built ``model`` and ``loss``, exactly; what was done, as a
-    record (``source``, ``kind``, ``model_tensors``, ``loss``) for the run directory and the log."""
+    record (``source``, ``kind``, ``model_tensors``, ``loss``) for the run directory and the log. ``speakers`` (this
+    run's speaker → label map) is compared with a source run's, whose class weights are loaded only for the same
+    speakers under the same labels."""
     from speakerid.checkpoint import state_problems
-    from speakerid.losses import loss_class
+    from speakerid.losses import loss_class, loss_options
     from speakerid.models import resolve_name
 
     check_init_skip(config)
@@ -140,10 +145,32 @@ def init_weights(config: Config, model: nn.Module, loss: nn.Module, n_classes: i
                                  f"({'; '.join(problems)}); a class head (nClasses) for another number of speakers "
                                  f"than this run's {n_classes} cannot be loaded: add train.init_skip=[loss] to load "
                                  "the model alone")
+        per_class = "nClasses" in loss_options(config.loss.name)  # a class head (weights, proxies) per speaker
+        unchecked = _same_speakers(source, speakers, where, config.data.io_timeout) if per_class else ""
         loss.load_state_dict(source.loss_state, strict=True)
-        record["loss"] = f"{len(source.loss_state)} tensors loaded"
+        record["loss"] = f"{len(source.loss_state)} tensors loaded{unchecked}"
     model.load_state_dict(source.model_state, strict=True)
     return record
+
+
+def _same_speakers(source: InitSource, speakers: dict[str, int] | None, where: str, io_timeout: float) -> str:
+    """'' when the source run's speakers are this run's (same names, same labels); raises when they are not; a note
+    when they cannot be compared (a .model file or an inference checkpoint does not say, or the shards moved)."""
+    if speakers is None or source.train_shards is None:
+        return ""
+    from speakerid.data.shardset import ShardSet
+
+    try:
+        theirs = ShardSet.open(source.train_shards, check=False, io_timeout=io_timeout).index["speakers"]
+    except SpeakeridError as error:
+        return f" (its speakers not compared: {str(error).splitlines()[0]})"
+    if theirs == speakers:
+        return ""
+    differ = sorted({name for name in set(theirs) | set(speakers) if theirs.get(name) != speakers.get(name)})
+    raise SpeakeridError(f"{where}: its loss was trained on the speakers of {source.train_shards}; {len(differ)} "
+                         f"speakers are in one run and not the other, or have another label ({', '.join(differ[:5])}"
+                         f"{' …' if len(differ) > 5 else ''}): its class weights would belong to other speakers; add "
+                         "train.init_skip=[loss] to load the model alone")
 
 
 def describe(record: dict) -> str:
