@@ -173,34 +173,38 @@ def _parameters(run_dir):
     return model, load_file(latest / "model_1.safetensors")
 
 
-@pytest.mark.parametrize("base_recipe, lm_recipe, size", [
-    ("configs/resnet34_aamsoftmax.yaml", "configs/resnet34_aamsoftmax_lm.yaml", RESNET),
-    ("configs/ecapa_aamsoftmax.yaml", "configs/ecapa_aamsoftmax_lm.yaml", ECAPA),
-])
-def test_a_large_margin_recipe_fine_tunes_a_base_run_end_to_end(train_shards, tmp_path, base_recipe, lm_recipe, size):
-    base = tmp_path / "base"
-    run_module("train", "--config", REPO / base_recipe, f"data.train_shards={train_shards}", f"train.run_dir={base}",
-               "max_epoch=1", *TINY, *size)
+def test_the_resnet34_large_margin_recipe_fine_tunes_the_base_run_end_to_end(train_shards, base_run, tmp_path):
+    lm_recipe = "configs/resnet34_aamsoftmax_lm.yaml"
     # the first step starts from the base weights: with the learning rate at 0 they come out of it unchanged
     still = tmp_path / "lr0"
-    first = run_module("train", *_lm_args(train_shards, still, base, lm_recipe, size), "optim.lr=0.0",
+    first = run_module("train", *_lm_args(train_shards, still, base_run, lm_recipe, RESNET), "optim.lr=0.0",
                        "optim.weight_decay=0.0", "--stop-after-steps", "1")
-    assert f"initialised from {_latest(base)}" in first.stdout, first.stdout
-    for ours, theirs in zip(_parameters(still), _parameters(base)):
+    assert f"initialised from {_latest(base_run)}" in first.stdout, first.stdout
+    for ours, theirs in zip(_parameters(still), _parameters(base_run)):
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     record = json.loads((still / "init_from.json").read_text())
-    assert record["source"] == str(_latest(base)) and record["loss"] == "1 tensors loaded"
+    assert record["source"] == str(_latest(base_run)) and record["loss"] == "1 tensors loaded"
     # the recipe as written (sizes aside): stopped, resumed from its own checkpoint (not the base again), finished
     lm = tmp_path / "lm"
-    run_module("train", *_lm_args(train_shards, lm, base, lm_recipe, size), "--stop-after-steps", "2")
-    resumed = run_module("train", *_lm_args(train_shards, lm, base, lm_recipe, size))
+    run_module("train", *_lm_args(train_shards, lm, base_run, lm_recipe, RESNET), "--stop-after-steps", "2")
+    resumed = run_module("train", *_lm_args(train_shards, lm, base_run, lm_recipe, RESNET))
     assert "resuming from" in resumed.stdout and "initialised from" not in resumed.stdout, resumed.stdout
     assert "applies to a new run only" in resumed.stdout
     assert "done: epoch 1" in resumed.stderr and (lm / "export" / "model.safetensors").exists()
     config = load_config(lm / "config.yaml")
-    assert config.loss.options["margin"] == 0.5 and config.train.init_from == str(base)
+    assert config.loss.options["margin"] == 0.5 and config.train.init_from == str(base_run)
     metrics = [json.loads(line) for line in (lm / "metrics.jsonl").read_text().splitlines()]
     assert all(r["lr"] <= 2.0e-4 for r in metrics if "lr" in r)
+
+
+def test_the_ecapa_large_margin_recipe_fine_tunes_its_base_run_end_to_end(train_shards, tmp_path):
+    base, lm = tmp_path / "base", tmp_path / "lm"
+    run_module("train", "--config", REPO / "configs/ecapa_aamsoftmax.yaml", f"data.train_shards={train_shards}",
+               f"train.run_dir={base}", "max_epoch=1", *TINY, *ECAPA)
+    done = run_module("train", *_lm_args(train_shards, lm, base, "configs/ecapa_aamsoftmax_lm.yaml", ECAPA))
+    assert f"initialised from {_latest(base)}" in done.stdout and "done: epoch 1" in done.stderr, done.stdout
+    assert json.loads((lm / "init_from.json").read_text())["loss"] == "1 tensors loaded"
+    assert (lm / "export" / "model.safetensors").exists()
 
 
 def test_a_fresh_run_differs_from_an_initialised_one(train_shards, base_run, tmp_path):
