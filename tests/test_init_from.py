@@ -131,6 +131,22 @@ def test_bad_init_from_stops_the_front_door_before_the_run_directory_is_written(
     assert not (tmp_path / "lm" / "config.yaml").exists()
 
 
+def test_model_options_that_change_no_tensor_are_said_when_they_differ_from_the_source(train_shards, tmp_path):
+    from speakerid.inference import save_inference_checkpoint
+    from speakerid.models import build_model
+    from speakerid.training.init_from import describe
+
+    options = {"n_out": 32, "log_input": False}
+    source = save_inference_checkpoint(tmp_path / "source", build_model("ResNetSE34L", **options),
+                                       model_name="ResNetSE34L", model_options=options, loss_name="aamsoftmax")
+    config = _config(train_shards, tmp_path / "lm", f"train.init_from={source}", "model.name=ResNetSE34L",
+                     "model.options={n_out: 32, log_input: true}")
+    model, loss = build_model_and_loss(config, n_classes=N_SPEAKERS)
+    record = init_weights(config, model, loss, n_classes=N_SPEAKERS)
+    assert record["model_options_changed"] == {"log_input": [False, True]}
+    assert "model options changed from the source's: log_input False → True" in describe(record)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["model.name=ResNetSE34L", "model.options={n_out: 32}"], "holds a ResNet34 model but this run configures ResNetSE34L"),
     (["model.options.n_out=48"], "2 shape mismatch: fc.weight: file (32, 320), model ResNet34 (48, 320), fc.bias"),

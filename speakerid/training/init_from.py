@@ -44,6 +44,7 @@ class InitSource:
     model_name: str | None  # the recorded architecture (None: a .model file does not record it)
     loss_name: str | None
     train_shards: str | None = None  # a run directory's training shards, whose speakers its class head knows
+    model_options: dict | None = None  # the recorded model options (None: a .model file does not record them)
 
 
 def read_init_source(path: str | Path) -> InitSource:
@@ -58,7 +59,8 @@ def read_init_source(path: str | Path) -> InitSource:
 
         loaded = load_inference_checkpoint(path)  # checks the recorded sha256 and the tensors against the metadata
         return InitSource(path, "inference checkpoint", dict(loaded.model.state_dict()), None,
-                          loaded.meta["model"]["name"], loaded.meta["loss"].get("name"))
+                          loaded.meta["model"]["name"], loaded.meta["loss"].get("name"),
+                          model_options=loaded.meta["model"].get("options", {}))
     if path.is_file():
         from speakerid.checkpoint import read_voxceleb_trainer_state, split_state
 
@@ -93,7 +95,7 @@ def _read_run_directory(run_dir: Path) -> InitSource:
         raise SpeakeridError(f"train.init_from: {checkpoint} holds no {ACCELERATE_FILES[0]}")
     return InitSource(checkpoint, "run directory, latest checkpoint", states[0], states[1] or {},
                       recorded.get("model", {}).get("name"), recorded.get("loss", {}).get("name"),
-                      recorded.get("data", {}).get("train_shards") or None)
+                      recorded.get("data", {}).get("train_shards") or None, recorded.get("model", {}).get("options", {}))
 
 
 def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -130,7 +132,8 @@ def init_weights(config: Config, model: nn.Module, loss: nn.Module, n_classes: i
         raise SpeakeridError(f"{where} does not fit model {config.model.name} with options {config.model.options} "
                              f"({'; '.join(problems)}): init_from needs the architecture and options the source was "
                              "trained with (n_out, n_mels, encoder_type, channels, …)")
-    record = {"source": str(source.path), "kind": source.kind, "model_tensors": len(source.model_state)}
+    record = {"source": str(source.path), "kind": source.kind, "model_tensors": len(source.model_state),
+              "model_options_changed": _changed_options(config, source)}
     if "loss" in config.train.init_skip:
         record["loss"] = "not loaded (train.init_skip)"
     elif source.loss_state is None:
@@ -173,9 +176,23 @@ def _same_speakers(source: InitSource, speakers: dict[str, int] | None, where: s
                          "train.init_skip=[loss] to load the model alone")
 
 
+def _changed_options(config: Config, source: InitSource) -> dict[str, list]:
+    """Model options that change no tensor's shape but differ from the source's (a front-end's log_input, window…):
+    {option: [source's, this run's]}, said when the run starts."""
+    from speakerid.models import canonical_options, model_options
+
+    if source.model_options is None:
+        return {}
+    defaults = {key: p.default for key, p in model_options(config.model.name).items()}
+    theirs = {**defaults, **canonical_options(config.model.name, source.model_options)}
+    ours = {**defaults, **canonical_options(config.model.name, config.model.options)}
+    return {key: [theirs[key], ours[key]] for key in defaults if theirs[key] != ours[key]}
+
+
 def describe(record: dict) -> str:
+    changed = "; ".join(f"{key} {a!r} → {b!r}" for key, (a, b) in record["model_options_changed"].items())
     return (f"initialised from {record['source']} ({record['kind']}): model {record['model_tensors']} tensors; "
-            f"loss {record['loss']}")
+            f"loss {record['loss']}" + (f"; model options changed from the source's: {changed}" if changed else ""))
 
 
 def save_record(record: dict, run_dir: Path) -> None:
