@@ -73,12 +73,12 @@ class OptimSection:
 
 @dataclass
 class ScheduleSection:
-    name: Literal["steplr", "cosine", "onecycle", "plateau", "constant"] = option("steplr", "LR schedule")
+    name: Literal["steplr", "cosine", "exponential", "onecycle", "plateau", "constant"] = option("steplr", "LR schedule")
     interval: Literal["epoch", "step"] = option("epoch", "step the schedule every epoch (as the seeds) or every optimizer step")
     step_size: int = option(10, "steplr: epochs (or steps) between decays")
     gamma: float = option(0.95, "steplr: decay factor")
-    warmup: int = option(0, "cosine/onecycle: warm-up length in schedule intervals")
-    min_lr: float = option(0.0, "cosine: final learning rate")
+    warmup: int = option(0, "cosine/exponential/onecycle: warm-up length in schedule intervals")
+    min_lr: float = option(0.0, "cosine/exponential: final learning rate (exponential: above 0)")
     plateau_factor: float = option(0.7, "plateau: factor on the validation EER plateau (masked-proxy recipe)")
     plateau_patience: int = option(3, "plateau: validations without improvement before a decay")
 

@@ -194,7 +194,7 @@ def test_the_resnet34_large_margin_recipe_fine_tunes_the_base_run_end_to_end(tra
     # the first step starts from the base weights: with the learning rate at 0 they come out of it unchanged
     still = tmp_path / "lr0"
     first = run_module("train", *_lm_args(train_shards, still, base_run, lm_recipe, RESNET), "optim.lr=0.0",
-                       "optim.weight_decay=0.0", "--stop-after-steps", "1")
+                       "optim.weight_decay=0.0", "schedule.name=constant", "--stop-after-steps", "1")
     assert f"initialised from {_latest(base_run)}" in first.stdout, first.stdout
     for ours, theirs in zip(_parameters(still), _parameters(base_run)):
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -229,3 +229,20 @@ def test_a_fresh_run_differs_from_an_initialised_one(train_shards, base_run, tmp
     model, _ = build_model_and_loss(config, n_classes=N_SPEAKERS)
     base = load_file(_latest(base_run) / "model.safetensors")
     assert not torch.equal(model.state_dict()["fc.weight"], base["fc.weight"])
+
+
+def test_the_exponential_schedule_of_the_wespeaker_recipes_warms_up_from_0_and_decays_to_min_lr():
+    from speakerid.training import build_scheduler
+
+    config = load_config(REPO / "configs/resnet34_aamsoftmax_lm.yaml", ["schedule.warmup=10", "train.max_epoch=1"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.optim.lr)
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch=100)
+    rates = []
+    for _ in range(101):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == 0.0 and rates[5] == pytest.approx(0.5 * 2e-4 * 0.25 ** 0.05)  # half-way up the warm-up
+    assert rates[50] == pytest.approx(2e-4 * 0.25 ** 0.5) and rates[100] == pytest.approx(5e-5)  # geometric decay
+    with pytest.raises(SpeakeridError, match="give a min_lr above 0"):
+        build_scheduler(load_config(None, ["schedule.name=exponential"]), optimizer, steps_per_epoch=100)

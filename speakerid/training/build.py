@@ -141,6 +141,15 @@ def build_scheduler(config: Config, optimizer, steps_per_epoch: int):
             floor = s.min_lr / config.optim.lr
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if s.name == "exponential":  # WeSpeaker's ExponentialDecrease: lr → min_lr geometrically, warm-up from 0
+        if not 0 < s.min_lr <= config.optim.lr:
+            raise SpeakeridError(f"schedule.name=exponential decays optim.lr ({config.optim.lr}) to schedule.min_lr "
+                                 f"({s.min_lr}): give a min_lr above 0 and at most optim.lr")
+
+        def exponential(i: int) -> float:
+            warm = min(1.0, i / s.warmup) if s.warmup else 1.0
+            return warm * (s.min_lr / config.optim.lr) ** (min(i, total) / max(1, total))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, exponential)
     if s.name == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.optim.lr, total_steps=max(2, total),
                                                    pct_start=max(s.warmup, 1) / max(2, total))
