@@ -66,7 +66,7 @@ def test_init_from_a_run_directory_loads_its_latest_checkpoint_exactly(train_sha
     model, loss = build_model_and_loss(config, n_classes=N_SPEAKERS)
     record = init_weights(config, model, loss, n_classes=N_SPEAKERS)
     latest = _latest(base_run)
-    assert record["source"] == str(latest) and record["loss"] == "1 tensors loaded"
+    assert record["source"] == str(latest) and record["loss"] == "1 tensor loaded"
     _assert_exact(model, load_file(latest / "model.safetensors"))  # weights and BatchNorm statistics
     _assert_exact(loss, load_file(latest / "model_1.safetensors"))  # the AAM class weights
 
@@ -114,7 +114,7 @@ def test_class_weights_of_other_speakers_are_refused_unless_skipped(train_shards
     assert len(ours) == N_SPEAKERS
     config = _config(train_shards, tmp_path / "lm", f"train.init_from={base_run}")
     model, loss = build_model_and_loss(config, n_classes=N_SPEAKERS)
-    assert init_weights(config, model, loss, n_classes=N_SPEAKERS, speakers=ours)["loss"] == "1 tensors loaded"
+    assert init_weights(config, model, loss, n_classes=N_SPEAKERS, speakers=ours)["loss"] == "1 tensor loaded"
     others = {**{k: v for k, v in ours.items() if v != 3}, "id99999": 3}
     with pytest.raises(SpeakeridError, match=r"2 speakers are in one run and not the other, or have another label \(id00003, id99999\)"):
         init_weights(config, model, loss, n_classes=N_SPEAKERS, speakers=others)
@@ -199,7 +199,7 @@ def test_the_resnet34_large_margin_recipe_fine_tunes_the_base_run_end_to_end(tra
     for ours, theirs in zip(_parameters(still), _parameters(base_run)):
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     record = json.loads((still / "init_from.json").read_text())
-    assert record["source"] == str(_latest(base_run)) and record["loss"] == "1 tensors loaded"
+    assert record["source"] == str(_latest(base_run)) and record["loss"] == "1 tensor loaded"
     # the recipe as written (sizes aside): stopped, resumed from its own checkpoint (not the base again), finished
     lm = tmp_path / "lm"
     run_module("train", *_lm_args(train_shards, lm, base_run, lm_recipe, RESNET), "--stop-after-steps", "2")
@@ -219,7 +219,7 @@ def test_the_ecapa_large_margin_recipe_fine_tunes_its_base_run_end_to_end(train_
                f"train.run_dir={base}", "max_epoch=1", *TINY, *ECAPA)
     done = run_module("train", *_lm_args(train_shards, lm, base, "configs/ecapa_aamsoftmax_lm.yaml", ECAPA))
     assert f"initialised from {_latest(base)}" in done.stdout and "done: epoch 1" in done.stderr, done.stdout
-    assert json.loads((lm / "init_from.json").read_text())["loss"] == "1 tensors loaded"
+    assert json.loads((lm / "init_from.json").read_text())["loss"] == "1 tensor loaded"
     assert (lm / "export" / "model.safetensors").exists()
 
 

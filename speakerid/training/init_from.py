@@ -151,7 +151,7 @@ def init_weights(config: Config, model: nn.Module, loss: nn.Module, n_classes: i
         per_class = "nClasses" in loss_options(config.loss.name)  # a class head (weights, proxies) per speaker
         unchecked = _same_speakers(source, speakers, where, config.data.io_timeout) if per_class else ""
         loss.load_state_dict(source.loss_state, strict=True)
-        record["loss"] = f"{len(source.loss_state)} tensors loaded{unchecked}"
+        record["loss"] = f"{len(source.loss_state)} tensor{'' if len(source.loss_state) == 1 else 's'} loaded{unchecked}"
     model.load_state_dict(source.model_state, strict=True)
     return record
 
