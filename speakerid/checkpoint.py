@@ -97,6 +97,15 @@ def split_state(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[st
 
 def load_exact(module: nn.Module, state: Mapping[str, Tensor], what: str, path: str | Path) -> None:
     """``load_state_dict(strict=True)``, after naming every missing key, unexpected key and shape mismatch."""
+    problems = state_problems(module, state, what)
+    if problems:
+        raise SpeakeridError(f"{path}: the file does not fit {what} ({'; '.join(problems)}); check the model/loss "
+                             f"name and options (n_out/nOut, encoder_type, n_mels, nClasses) used for training")
+    module.load_state_dict(state, strict=True)
+
+
+def state_problems(module: nn.Module, state: Mapping[str, Tensor], what: str) -> list[str]:
+    """Every missing key, unexpected key and shape mismatch of ``state`` against ``module``, one entry per kind."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -107,10 +116,7 @@ def load_exact(module: nn.Module, state: Mapping[str, Tensor], what: str, path: 
         if items:
             shown = ", ".join(items[:LISTED]) + (f", … ({len(items) - LISTED} more)" if len(items) > LISTED else "")
             problems.append(f"{len(items)} {label}: {shown}")
-    if problems:
-        raise SpeakeridError(f"{path}: the file does not fit {what} ({'; '.join(problems)}); check the model/loss "
-                             f"name and options (n_out/nOut, encoder_type, n_mels, nClasses) used for training")
-    module.load_state_dict(state, strict=True)
+    return problems
 
 
 def _loss_keyword(loss: str, key: str) -> str | None:

@@ -82,12 +82,12 @@ class OptimSection:
 
 @dataclass
 class ScheduleSection:
-    name: Literal["steplr", "cosine", "onecycle", "plateau", "constant"] = option("steplr", "LR schedule")
+    name: Literal["steplr", "cosine", "exponential", "onecycle", "plateau", "constant"] = option("steplr", "LR schedule")
     interval: Literal["epoch", "step"] = option("epoch", "step the schedule every epoch (as the seeds) or every optimizer step")
     step_size: int = option(10, "steplr: epochs (or steps) between decays")
     gamma: float = option(0.95, "steplr: decay factor")
-    warmup: int = option(0, "cosine/onecycle: warm-up length in schedule intervals")
-    min_lr: float = option(0.0, "cosine: final learning rate")
+    warmup: int = option(0, "cosine/exponential/onecycle: warm-up length in schedule intervals")
+    min_lr: float = option(0.0, "cosine/exponential: final learning rate (exponential: above 0)")
     plateau_factor: float = option(0.7, "plateau: factor on the validation EER plateau (masked-proxy recipe)")
     plateau_patience: int = option(3, "plateau: validations without improvement before a decay")
 
@@ -114,6 +114,9 @@ class TrainSection:
     channels_last: bool = option(False, "channels_last memory format for the 2-D CNNs")
     tensorboard: bool = option(False, "also log to TensorBoard through Accelerate's trackers")
     log_every: int = option(10, "steps between metrics.jsonl records")
+    init_from: str = option("", "a new run starts from these weights: a run directory (its latest complete checkpoint), "
+                                "an inference checkpoint or a voxceleb_trainer .model file; ignored when resuming")
+    init_skip: list = option([], "parts of init_from not loaded: [loss] starts the loss's parameters afresh")
 
 
 @dataclass
@@ -154,7 +157,7 @@ ALIASES = {
     "optimizer": "optim.name", "lr": "optim.lr", "weight_decay": "optim.weight_decay",
     "scheduler": "schedule.name", "lr_decay": "schedule.gamma",
     "test_interval": "train.test_interval", "max_epoch": "train.max_epoch", "save_path": "train.run_dir",
-    "seed": "train.seed", "mixedprec": "train.mixed_precision",
+    "seed": "train.seed", "mixedprec": "train.mixed_precision", "initial_model": "train.init_from",
     "test_list": "validation.trials", "test_path": "validation.audio", "eval_frames": "validation.eval_frames",
     "num_eval": "validation.num_eval",
 }
@@ -185,6 +188,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if annotation is list:
+        if not isinstance(value, list):
+            raise SpeakeridError(f"{where}: expected a list, e.g. [loss], got {value!r}")
+        return list(value)
     if annotation is dict:
         if not isinstance(value, dict):
             raise SpeakeridError(f"{where}: expected a mapping, got {value!r}")

@@ -1,8 +1,10 @@
 """The Accelerate training loop and its parts, in the order a run meets them.
 
 ``build.py`` turns the config into a ``Run`` (``build_run``: accelerator, model + loss, optimizer, LR schedule,
-on-device augmenter and speed perturbation, the label space, the rank's batch loader, the claimed run directory), with the checks said before the first
-step, mixed precision and the margin warm-up; ``state.py`` is what speakerid itself checkpoints (``TrainingState``:
+on-device augmenter and speed perturbation, the label space, the rank's batch loader, the claimed run directory),
+with the checks said before the first step, mixed precision and the margin warm-up; ``init_from.py`` starts a new
+run from trained weights (``train.init_from``: a run directory, an inference checkpoint or a voxceleb_trainer
+``.model`` file), exactly or not at all; ``state.py`` is what speakerid itself checkpoints (``TrainingState``:
 ``Progress`` — epoch, step, reader position — the LR schedule, the epoch's data report and the label space); ``checkpoints.py``
 claims the run directory and saves, rotates and loads ``checkpoints/step-NNNNNNNN`` (``Checkpoints``);
 ``signals.py`` turns SIGTERM/SIGUSR1/SIGINT into a clean stop at the next step or while waiting for data

@@ -21,6 +21,7 @@ from speakerid.losses import build_loss, loss_class, loss_options
 from speakerid.models import build_model, canonical_options, model_options
 from speakerid.speed import SpeedPerturb, label_space
 from speakerid.training.checkpoints import claim_run_dir, latest_checkpoint
+from speakerid.training.init_from import check_init_skip, describe, init_weights, save_record
 from speakerid.training.state import Progress, TrainingState
 
 
@@ -52,8 +53,18 @@ def build_run(config: Config, force: bool) -> Run:
     set_seed(config.train.seed)
     shards = ShardSet.open(config.data.train_shards, urls=config.data.train_urls, io_timeout=config.data.io_timeout)
     check_config(config, shards)
-    labels = label_space(config.augment.speed_perturb, len(shards.index["speakers"]))  # each speed its own speakers
+    speakers = shards.index["speakers"]
+    labels = label_space(config.augment.speed_perturb, len(speakers))  # each speed its own speakers
     model, loss = build_model_and_loss(config, n_classes=labels["n_classes"])
+    # init_from starts a new run; a run directory with a checkpoint resumes from it instead (its own weights)
+    checkpoint = latest_checkpoint(Path(config.train.run_dir))
+    init = None
+    if config.train.init_from and checkpoint is None:
+        init = init_weights(config, model, loss, n_classes=labels["n_classes"], speakers=speakers)
+        accelerator.print(describe(init))
+    elif config.train.init_from:
+        check_init_skip(config)
+        accelerator.print(f"resuming {checkpoint}: train.init_from ({config.train.init_from}) applies to a new run only")
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, list(model.parameters()) + list(loss.parameters()))
@@ -62,11 +73,10 @@ def build_run(config: Config, force: bool) -> Run:
     per_epoch = batches_per_epoch(shards.index, data, world, config.data.workers)
     scheduler = build_scheduler(config, optimizer, per_epoch // config.optim.grad_accum)
     augmenter = build_augmenter(config, accelerator)
-    speed = (SpeedPerturb(config.augment.speed_perturb, len(shards.index["speakers"]), data.crop_samples,
+    speed = (SpeedPerturb(config.augment.speed_perturb, len(speakers), data.crop_samples,
                           seed=config.train.seed, stream=rank) if config.augment.speed_perturb else None)
     spec_augment = build_spec_augment(config, accelerator, model)
     run_dir = claim_run_dir(config, force)
-    checkpoint = latest_checkpoint(run_dir)
     progress = Progress.load(checkpoint / "progress.json") if checkpoint is not None else Progress()
     # The loader is not prepared: each rank reads its own streams; the start position comes from progress.
     loader = train_loader(shards, data, rank=rank, world_size=world, workers=config.data.workers,
@@ -74,6 +84,8 @@ def build_run(config: Config, force: bool) -> Run:
     if accelerator.is_main_process:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
+        if init is not None:
+            save_record(init, run_dir)
     if config.train.tensorboard:
         accelerator.init_trackers("tensorboard")
     # per-epoch coverage of this rank's share of the usable utterances, and damaged input skipped
@@ -139,6 +151,15 @@ def build_scheduler(config: Config, optimizer, steps_per_epoch: int):
             floor = s.min_lr / config.optim.lr
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if s.name == "exponential":  # WeSpeaker's ExponentialDecrease: lr → min_lr geometrically, warm-up from 0
+        if not 0 < s.min_lr <= config.optim.lr:
+            raise SpeakeridError(f"schedule.name=exponential decays optim.lr ({config.optim.lr}) to schedule.min_lr "
+                                 f"({s.min_lr}): give a min_lr above 0 and at most optim.lr")
+
+        def exponential(i: int) -> float:
+            warm = min(1.0, i / s.warmup) if s.warmup else 1.0
+            return warm * (s.min_lr / config.optim.lr) ** (min(i, total) / max(1, total))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, exponential)
     if s.name == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.optim.lr, total_steps=max(2, total),
                                                    pct_start=max(s.warmup, 1) / max(2, total))
