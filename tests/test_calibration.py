@@ -1,0 +1,88 @@
+"""Score calibration (logistic regression, quality measures), calibration trial lists, and evaluate with them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from speakerid.errors import SpeakeridError
+from speakerid.evaluation.calibration import Calibration, fit_calibration, quality_features
+from speakerid.metrics import Metrics, actual_dcf, bayes_threshold, cllr, eer, min_cllr, min_dcf
+
+
+def cosine_like_trials(rng, n_target: int, n_nontarget: int, short_shift: float = 0.0):
+    """Cosine-looking scores (targets ~0.6, non-targets ~0.1) and per-utterance durations; with ``short_shift``
+    trials whose shorter side is short score lower, both classes (the shift quality measures correct)."""
+    labels = np.r_[np.ones(n_target, np.int64), np.zeros(n_nontarget, np.int64)]
+    durations = rng.uniform(1.0, 12.0, size=(len(labels), 2))  # seconds, per side
+    shift = short_shift * np.log(durations.min(axis=1) / 12.0)
+    scores = np.where(labels == 1, 0.6, 0.1) + shift + 0.12 * rng.normal(size=len(labels))
+    return scores, labels, durations
+
+
+def test_calibration_lowers_cllr_on_held_out_trials_and_leaves_eer_unchanged():
+    rng = np.random.default_rng(0)
+    cal_scores, cal_labels, _ = cosine_like_trials(rng, 300, 3000)
+    test_scores, test_labels, _ = cosine_like_trials(rng, 200, 2000)
+    calibration = fit_calibration(cal_scores, cal_labels)
+    assert calibration.monotone and calibration.features == ("score",)
+    llrs = calibration.apply(test_scores)
+    assert cllr(llrs, test_labels) < 0.5 * cllr(test_scores, test_labels)
+    assert cllr(llrs, test_labels) < 1.0  # informative, calibrated LLRs
+    assert cllr(llrs, test_labels) - min_cllr(llrs, test_labels) < 0.05  # little calibration loss left
+    assert min_cllr(llrs, test_labels) == pytest.approx(min_cllr(test_scores, test_labels), abs=1e-12)
+    raw, calibrated = Metrics.compute(test_scores, test_labels), Metrics.compute(llrs, test_labels)
+    assert calibrated.eer == raw.eer and calibrated.min_dcf_05 == raw.min_dcf_05
+    # the Bayes threshold of calibrated LLRs is a good decision: close to the minimum DCF
+    act = actual_dcf(llrs, test_labels, bayes_threshold(0.05), 0.05)
+    assert act < min_dcf(llrs, test_labels, 0.05)[0] + 0.1
+    assert act < actual_dcf(test_scores, test_labels, bayes_threshold(0.05), 0.05)
+
+
+def test_the_prior_weighting_ignores_the_proportion_of_targets():
+    rng = np.random.default_rng(1)
+    few = fit_calibration(*cosine_like_trials(rng, 200, 4000)[:2])
+    many = fit_calibration(*cosine_like_trials(rng, 2000, 2000)[:2])
+    assert few.weights[0] == pytest.approx(many.weights[0], rel=0.2)
+    assert few.bias == pytest.approx(many.bias, abs=0.2 * abs(many.bias) + 0.5)
+
+
+def test_quality_measures_help_when_reliability_depends_on_duration():
+    rng = np.random.default_rng(2)
+    cal_scores, cal_labels, cal_durations = cosine_like_trials(rng, 1000, 5000, short_shift=0.15)
+    test_scores, test_labels, test_durations = cosine_like_trials(rng, 1000, 5000, short_shift=0.15)
+    pairs = np.arange(2 * len(cal_labels)).reshape(-1, 2)  # each trial its own two utterances
+    cal_q = quality_features({"duration": cal_durations.reshape(-1)}, pairs)
+    test_q = quality_features({"duration": test_durations.reshape(-1)}, pairs)
+    assert set(cal_q) == {"duration_min", "duration_max"}
+    np.testing.assert_allclose(cal_q["duration_min"], np.log(cal_durations.min(axis=1)))
+    score_only = fit_calibration(cal_scores, cal_labels).apply(test_scores)
+    qmf = fit_calibration(cal_scores, cal_labels, cal_q)
+    assert qmf.features == ("score", "duration_min", "duration_max") and not qmf.monotone
+    llrs = qmf.apply(test_scores, test_q)
+    assert cllr(llrs, test_labels) < cllr(score_only, test_labels)
+    assert eer(llrs, test_labels)[0] < eer(test_scores, test_labels)[0]  # not monotone: the order changes
+    with pytest.raises(SpeakeridError, match="quality feature 'duration_min'"):
+        qmf.apply(test_scores)
+
+
+def test_calibration_round_trips_through_json(tmp_path):
+    rng = np.random.default_rng(3)
+    scores, labels, durations = cosine_like_trials(rng, 100, 400)
+    q = quality_features({"norm": rng.uniform(5, 20, 2 * len(labels))}, np.arange(2 * len(labels)).reshape(-1, 2))
+    calibration = fit_calibration(scores, labels, q, p_target=0.01, trials="cal.txt")
+    loaded = Calibration.load(calibration.save(tmp_path / "calibration.json"))
+    assert loaded == calibration and loaded.quality == ("norm",)
+    np.testing.assert_array_equal(loaded.apply(scores, q), calibration.apply(scores, q))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SpeakeridError, match="not a speakerid calibration file"):
+        Calibration.load(tmp_path / "bad.json")
+
+
+def test_bad_calibration_input_is_named():
+    with pytest.raises(SpeakeridError, match="calibration is undefined: all 3 trials are target"):
+        fit_calibration([0.1, 0.2, 0.3], [1, 1, 1])
+    with pytest.raises(SpeakeridError, match="unknown quality measure 'snr'"):
+        quality_features({"snr": np.ones(2)}, np.array([[0, 1]]))
+    with pytest.raises(SpeakeridError, match="must be positive"):
+        quality_features({"norm": np.array([1.0, 0.0])}, np.array([[0, 1]]))
