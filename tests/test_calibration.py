@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from speakerid.data.lists import entries_from_trials, read_train_list, read_trials, speaker_of, utterance_key
+from speakerid.data.pack import pack
+from speakerid.data.plan import PackConfig, make_plan
+from shardify.__main__ import main as shardify_main
 from speakerid.errors import SpeakeridError
 from speakerid.evaluation.calibration import Calibration, fit_calibration, quality_features
+from speakerid.evaluation.calibration_trials import make_calibration_trials
 from speakerid.metrics import Metrics, actual_dcf, bayes_threshold, cllr, eer, min_cllr, min_dcf
 
 
@@ -86,3 +91,47 @@ def test_bad_calibration_input_is_named():
         quality_features({"snr": np.ones(2)}, np.array([[0, 1]]))
     with pytest.raises(SpeakeridError, match="must be positive"):
         quality_features({"norm": np.array([1.0, 0.0])}, np.array([[0, 1]]))
+
+
+# ------------------------------------------------------------------------------------ calibration trial lists
+
+
+@pytest.fixture(scope="module")
+def train_shards(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "shards"
+    plan = make_plan(read_train_list(corpus.train_list), corpus.root, PackConfig(kind="train", chunk_size=2, max_utts=24))
+    pack(plan, corpus.root, out)
+    return out
+
+
+def test_calibration_trials_are_balanced_training_pairs_reproducible_by_seed(corpus, train_shards, tmp_path,
+                                                                           shardify):
+    result = shardify("calibration-trials", train_shards, "--out", tmp_path / "cal.txt", "--pairs", "30",
+                      "--seed", "3")
+    assert "30 target + 30 non-target trials of 12 training speakers (72 utterances in 3 shard(s))" in result.stderr
+    trials = read_trials(tmp_path / "cal.txt")
+    train_keys = {utterance_key(e.relpath) for e in read_train_list(corpus.train_list)}
+    test_speakers = {speaker_of(e.relpath) for e in entries_from_trials([corpus.trials])}
+    assert sum(t.label for t in trials) == 30 and len(trials) == 60
+    assert {t.enroll for t in trials} | {t.test for t in trials} <= train_keys
+    assert not {speaker_of(t.enroll) for t in trials} & test_speakers
+    assert len({frozenset((t.enroll, t.test)) for t in trials}) == 60  # each pair once, never an utterance with itself
+    for t in trials:
+        assert (speaker_of(t.enroll) == speaker_of(t.test)) == (t.label == 1)
+        if t.label:  # every training speaker of the corpus has several videos: targets are cross-session
+            assert t.enroll.split("/")[1] != t.test.split("/")[1]
+    again = make_calibration_trials(train_shards, tmp_path / "again.txt", pairs=30, seed=3)
+    other = make_calibration_trials(train_shards, tmp_path / "other.txt", pairs=30, seed=4)
+    assert again.path.read_text() == (tmp_path / "cal.txt").read_text()
+    assert other.path.read_text() != (tmp_path / "cal.txt").read_text()
+    assert make_calibration_trials(train_shards, tmp_path / "one.txt", pairs=2, max_shards=1).shards_read == 1
+
+
+def test_calibration_trials_refuse_what_they_cannot_draw(corpus, train_shards, tmp_path, capsys):
+    assert shardify_main(["calibration-trials", str(train_shards), "--out", str(tmp_path / "cal.txt"),
+                          "--pairs", "100000"]) == 2
+    assert "--pairs 100000: the shards read allow" in capsys.readouterr().err
+    eval_out = tmp_path / "eval"
+    pack(make_plan(entries_from_trials([corpus.trials]), corpus.root, PackConfig(kind="eval")), corpus.root, eval_out)
+    with pytest.raises(SpeakeridError, match="drawn from training shards"):
+        make_calibration_trials(eval_out, tmp_path / "cal.txt")
