@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import soundfile
+from test_evaluation import save
+from test_synthetic import mfcc_statistics
 
+from evaluate.__main__ import main as evaluate_main
+from shardify.__main__ import main as shardify_main
 from speakerid.data.lists import entries_from_trials, read_train_list, read_trials, speaker_of, utterance_key
 from speakerid.data.pack import pack
 from speakerid.data.plan import PackConfig, make_plan
-from shardify.__main__ import main as shardify_main
 from speakerid.errors import SpeakeridError
+from speakerid.evaluation import Embeddings, TrialList, score_trials
 from speakerid.evaluation.calibration import Calibration, fit_calibration, quality_features
 from speakerid.evaluation.calibration_trials import make_calibration_trials
 from speakerid.metrics import Metrics, actual_dcf, bayes_threshold, cllr, eer, min_cllr, min_dcf
@@ -135,3 +142,85 @@ def test_calibration_trials_refuse_what_they_cannot_draw(corpus, train_shards, t
     pack(make_plan(entries_from_trials([corpus.trials]), corpus.root, PackConfig(kind="eval")), corpus.root, eval_out)
     with pytest.raises(SpeakeridError, match="drawn from training shards"):
         make_calibration_trials(eval_out, tmp_path / "cal.txt")
+
+
+def test_calibration_on_training_speakers_lowers_cllr_on_held_out_trials_of_the_built_in_corpus(corpus, train_shards,
+                                                                                                tmp_path):
+    # Fixed MFCC-statistics embeddings (test_synthetic's baseline, EER well below chance): the calibration list's
+    # speakers are the corpus' training speakers, the test trials' are held out.
+    rng = np.random.default_rng(0)
+    relpaths = {utterance_key(e.relpath): e.relpath for e in read_train_list(corpus.train_list)}
+    relpaths.update({utterance_key(e.relpath): e.relpath for e in entries_from_trials([corpus.trials])})
+    keys = sorted(relpaths)
+    stats = np.stack([mfcc_statistics(soundfile.read(str(corpus.root / relpaths[k]), dtype="int16")[0], 16000, rng)
+                      for k in keys])
+    stats = (stats - stats.mean(axis=0)) / stats.std(axis=0)
+    embeddings = Embeddings(keys, stats.astype(np.float32))
+    cal_list = TrialList("cal", tmp_path / "cal.txt",
+                         read_trials(make_calibration_trials(train_shards, tmp_path / "cal.txt", pairs=120).path))
+    test_list = TrialList("test", corpus.trials, read_trials(corpus.trials))
+    cal_scores, test_scores = score_trials(embeddings, [cal_list, test_list])
+    calibration = fit_calibration(cal_scores, cal_list.labels)
+    llrs = calibration.apply(test_scores)
+    labels = test_list.labels
+    assert calibration.monotone
+    assert cllr(llrs, labels) < cllr(test_scores, labels)
+    assert cllr(llrs, labels) < 1.0
+    raw, calibrated = Metrics.compute(test_scores, labels), Metrics.compute(llrs, labels)
+    assert calibrated.eer == raw.eer and calibrated.min_dcf_05 == raw.min_dcf_05 and raw.eer < 40
+
+
+# ------------------------------------------------------------------------------- evaluate --calibration-trials
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save(tmp_path_factory.mktemp("ckpt") / "demo")
+
+
+def scores_of(path) -> np.ndarray:
+    return np.array([float(line.split()[0]) for line in open(path)])
+
+
+def test_evaluate_calibrates_on_training_speakers_and_reports_cllr(corpus, train_shards, checkpoint, tmp_path):
+    cal_path = make_calibration_trials(train_shards, tmp_path / "cal.txt", pairs=40, seed=0).path
+    out = tmp_path / "out"
+    common = ["--checkpoint", str(checkpoint), "--trials", str(corpus.trials), "--audio", str(corpus.root),
+              "--workers", "0", "--calibration-trials", str(cal_path), "--calibration-audio", str(train_shards)]
+    assert evaluate_main([*common, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    result = summary["lists"][0]
+    labels = np.array([t.label for t in read_trials(corpus.trials)])
+    raw = scores_of(out / "scores-trials.txt")
+    llrs = scores_of(out / "llr-trials.txt")
+    calibration = Calibration.load(out / "calibration.json")
+    assert calibration.features == ("score",) and calibration.n_target == calibration.n_nontarget == 40
+    # the files' six decimals, times the slope (an untrained model's cosine scores crowd near 1: a steep map)
+    np.testing.assert_allclose(llrs, calibration.apply(raw), atol=2e-6 * abs(calibration.weights[0]) + 2e-6)
+    cal = result["calibrated"]
+    assert cal["cllr"] == pytest.approx(cllr(llrs, labels), abs=1e-3)
+    assert cal["cllr"] < cllr(raw, labels)  # raw cosine scores are poor LLRs; held-out speakers, calibrated: better
+    assert summary["calibration"]["monotone"] == (calibration.weights[0] > 0)
+    if calibration.monotone:  # the untrained demo model's scores carry no information: the fitted slope may be < 0
+        assert cal["eer"] == result["metrics"]["eer"]
+    assert cal["min_cllr"] == pytest.approx(result["min_cllr"], abs=1e-3) or not calibration.monotone
+    assert summary["calibration"]["trials"] == str(tmp_path / "cal.txt")
+    assert set(cal["actual_dcf"]) == {"p_target_0.05", "p_target_0.01"}
+    embeddings, _ = Embeddings.load(out / "calibration-embeddings.safetensors")
+    cal_trials = read_trials(cal_path)
+    assert len(embeddings.keys) == len({t.enroll for t in cal_trials} | {t.test for t in cal_trials})
+
+    qmf_out = tmp_path / "qmf"
+    assert evaluate_main([*common, "--out", str(qmf_out), "--quality", "duration", "norm"]) == 0
+    qmf = Calibration.load(qmf_out / "calibration.json")
+    assert qmf.features == ("score", "duration_min", "duration_max", "norm_min", "norm_max")
+    assert not json.loads((qmf_out / "summary.json").read_text())["calibration"]["monotone"]
+
+
+def test_calibration_options_are_checked_before_any_audio(corpus, checkpoint, tmp_path, capsys):
+    common = ["--checkpoint", str(checkpoint), "--trials", str(corpus.trials), "--audio", str(corpus.root),
+              "--out", str(tmp_path)]
+    assert evaluate_main([*common, "--calibration-trials", str(corpus.trials)]) == 2
+    assert "--calibration-trials needs --calibration-audio" in capsys.readouterr().err
+    assert evaluate_main([*common, "--quality", "norm"]) == 2
+    assert "give --calibration-trials LIST" in capsys.readouterr().err

@@ -29,13 +29,69 @@ from pathlib import Path
 import numpy as np
 
 from speakerid.data.index import write_json_atomic
+from speakerid.data.lists import utterance_key
 from speakerid.errors import SpeakeridError
+from speakerid.evaluation.embeddings import Embeddings
+from speakerid.evaluation.scoring import trial_indices
+from speakerid.evaluation.trials import TrialList
 from speakerid.metrics import check_trials
 
 FORMAT = "speakerid-calibration"
 QUALITY_MEASURES = ("duration", "norm")  # per-utterance values a trial's quality features are made of
 DEFAULT_P_TARGET = 0.05
 _C = 1e6  # inverse L2 strength: effectively no penalty (as BOSARIS), valid for every sklearn version
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    calibration_trials: str | None = None  # labelled trial list of training speakers (shardify calibration-trials)
+    calibration_audio: str | None = None  # the training shards it was drawn from (or an audio folder / eval shards)
+    quality: tuple[str, ...] = ()  # quality measures beside the score: duration, norm
+    calibration_prior: float = DEFAULT_P_TARGET  # the effective prior p_target the regression is weighted for
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quality", tuple(dict.fromkeys(self.quality or ())))
+        unknown = [q for q in self.quality if q not in QUALITY_MEASURES]
+        if unknown:
+            raise SpeakeridError(f"--quality {unknown[0]!r}: choose from {', '.join(QUALITY_MEASURES)}")
+        if self.calibration_trials and not self.calibration_audio:
+            raise SpeakeridError("--calibration-trials needs --calibration-audio: the training shards the list was "
+                                 "drawn from (python -m shardify calibration-trials)")
+        if (self.quality or self.calibration_audio) and not self.calibration_trials:
+            raise SpeakeridError("--quality and --calibration-audio calibrate scores: give --calibration-trials LIST")
+        if not 0 < self.calibration_prior < 1:
+            raise SpeakeridError(f"--calibration-prior must lie strictly between 0 and 1, got {self.calibration_prior}")
+
+
+def utterance_measures(embeddings: Embeddings, names: tuple[str, ...], sample_rate: int = 16000) -> dict[str, np.ndarray]:
+    """Per-utterance quality measures of ``embeddings`` (rows as its keys): durations in seconds (whole utterances
+    only), raw embedding norms (the mean over crops)."""
+    measures: dict[str, np.ndarray] = {}
+    for name in names:
+        if name == "norm":
+            values = embeddings.values.reshape(len(embeddings.keys), -1, embeddings.values.shape[-1])
+            measures[name] = np.linalg.norm(values.astype(np.float64), axis=-1).mean(axis=1)
+        elif name == "duration":
+            samples = embeddings.samples or [None] * len(embeddings.keys)
+            unknown = [k for k, n in zip(embeddings.keys, samples) if n is None]
+            if unknown:
+                raise SpeakeridError(f"the duration of {len(unknown)} utterance(s) is unknown (e.g. {unknown[0]}): "
+                                     "durations are recorded for whole utterances, not the crop protocol "
+                                     "(--eval-frames), and not in embedding caches of older versions (--no-cache once)")
+            measures[name] = np.asarray(samples, dtype=np.float64) / sample_rate
+        else:
+            raise SpeakeridError(f"unknown quality measure {name!r}: choose from {', '.join(QUALITY_MEASURES)}")
+    return measures
+
+
+def trial_quality(embeddings: Embeddings, trial_list: TrialList, names: tuple[str, ...],
+                  sample_rate: int = 16000) -> dict[str, np.ndarray]:
+    """The quality features of every trial of ``trial_list`` (see :func:`quality_features`)."""
+    if not names:
+        return {}
+    pairs = trial_indices([(utterance_key(t.enroll), utterance_key(t.test)) for t in trial_list.trials],
+                          embeddings.keys)
+    return quality_features(utterance_measures(embeddings, names, sample_rate), pairs)
 
 
 def quality_features(measures: Mapping[str, np.ndarray], pairs: np.ndarray) -> dict[str, np.ndarray]:

@@ -22,11 +22,15 @@ import numpy as np
 from accelerate import PartialState
 
 from speakerid.audio import decode
+from speakerid.data.eval_reader import AudioSource, names_shards
 from speakerid.data.lists import speaker_of
 from speakerid.data.shardio import Faults, read_shard
 from speakerid.data.shardset import ShardSet
 from speakerid.errors import SpeakeridError
-from speakerid.evaluation.extract import ExtractConfig, prepare_item
+from speakerid.evaluation.embeddings import Embeddings
+from speakerid.evaluation.extract import ExtractConfig, Progress, cache_settings, extract, prepare_item, source_items
+from speakerid.evaluation.trials import TrialList, wanted_utterances
+from speakerid.inference import LoadedModel
 from speakerid.tempfiles import atomic_write
 
 DEFAULT_MAX_SHARDS = 8  # ~2 GB of 256 MB shards: thousands of speakers' chunks
@@ -155,3 +159,30 @@ def shard_items(location: str, keys: dict[str, str], config: ExtractConfig,
         raise SpeakeridError(f"{len(missing)} utterance(s) of the calibration trials are not in {location}, e.g. "
                              f"{missing[0]} (named at {keys[missing[0]]}): draw the list from these shards "
                              "(python -m shardify calibration-trials)")
+
+
+def _is_training_shards(location: str) -> bool:
+    return names_shards(location) and ShardSet.open(location, check=False).kind == "train"
+
+
+def calibration_embeddings(loaded: LoadedModel, trial_list: TrialList, audio: str, config: ExtractConfig,
+                           state: PartialState, *, cache: Path | None = None,
+                           progress: Progress | None = None) -> Embeddings | None:
+    """Embeddings of every utterance of the calibration list, read from training shards (:func:`shard_items`), an
+    audio folder or eval shards; on the main process (None elsewhere), cached like the trials'."""
+    wanted = wanted_utterances([trial_list])
+    if _is_training_shards(audio):
+        def items_for(missing, st):
+            return shard_items(audio, {k: wanted[k][1] for k in missing}, config, st)
+        identity = AudioSource(audio).identity()
+    else:
+        source = AudioSource.open(audio)
+        source.check(wanted)
+        relpaths = {key: rel for key, (rel, _) in wanted.items()}
+
+        def items_for(missing, st):
+            return source_items(source, {k: relpaths[k] for k in missing}, config, st)
+        identity = source.identity()
+    settings = cache_settings(loaded, config, state.device, audio=identity)
+    return extract(loaded, items_for, sorted(wanted), config, state, cache=cache, settings=settings,
+                   progress=progress, stage="calibration")[0]
