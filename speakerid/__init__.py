@@ -8,9 +8,9 @@ Where each idea lives, in the order data flows: ``data`` (audio lists → shards
 batches; evaluation audio; augmentation banks; the synthetic corpus), ``audio`` (decoding, crops), ``augment``
 (MUSAN/RIR on the device), ``features`` (front-ends), ``models`` and ``losses`` (registries, one family a file),
 ``training`` (the Accelerate loop and its parts), ``inference`` and ``checkpoint`` (checkpoints in, and the
-seeds' ``.model`` files), ``evaluation`` (extraction → scoring → report) with ``metrics`` (EER, minDCF, DET),
-``config`` and ``options`` (the typed run config), ``demo`` (``make demo``), ``errors``, ``tempfiles`` and
-``runtime`` (small shared pieces). The README's "How the code is laid out" draws the same map.
+seeds' ``.model`` files), ``evaluation`` (extraction → scoring → calibration → report) with ``metrics`` (EER,
+minDCF, Cllr, DET), ``config`` and ``options`` (the typed run config), ``demo`` (``make demo``), ``errors``,
+``tempfiles`` and ``runtime`` (small shared pieces). The README's "How the code is laid out" draws the same map.
 """
 
 __version__ = "0.1.0"
