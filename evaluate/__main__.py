@@ -160,6 +160,9 @@ def print_report(report) -> None:
         console.print(escape(f"calibration: {' + '.join(fit.features)} fitted on {fit.n_target} target / "
                              f"{fit.n_nontarget} non-target trials of {fit.trials} at p_target {fit.p_target:g} → "
                              f"{report.out_dir / 'calibration.json'}; calibrated LLRs in llr-*.txt"), highlight=False)
+        if fit.weights[0] <= 0:
+            console.print("[yellow]warning:[/] the calibration's score weight is not positive: on the calibration "
+                          "trials higher scores do not mean 'same speaker' (an untrained model, or the wrong list?)")
     for result in report.lists:
         console.print(escape(f"scores: {result.scores_path}"), highlight=False)
     console.print(escape(f"summary: {report.summary_path}"), highlight=False)

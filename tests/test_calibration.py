@@ -216,6 +216,12 @@ def test_evaluate_calibrates_on_training_speakers_and_reports_cllr(corpus, train
     assert qmf.features == ("score", "duration_min", "duration_max", "norm_min", "norm_max")
     assert not json.loads((qmf_out / "summary.json").read_text())["calibration"]["monotone"]
 
+    # the calibration audio can also be a folder (or eval shards) the list's relative paths name
+    folder = [a if a != str(train_shards) else str(corpus.root) for a in common]
+    folder[folder.index(str(cal_path))] = str(corpus.trials)
+    assert evaluate_main([*folder, "--out", str(out)]) == 0
+    assert Calibration.load(out / "calibration.json").trials == str(corpus.trials)
+
 
 def test_calibration_options_are_checked_before_any_audio(corpus, checkpoint, tmp_path, capsys):
     common = ["--checkpoint", str(checkpoint), "--trials", str(corpus.trials), "--audio", str(corpus.root),
@@ -224,3 +230,7 @@ def test_calibration_options_are_checked_before_any_audio(corpus, checkpoint, tm
     assert "--calibration-trials needs --calibration-audio" in capsys.readouterr().err
     assert evaluate_main([*common, "--quality", "norm"]) == 2
     assert "give --calibration-trials LIST" in capsys.readouterr().err
+    assert evaluate_main([*common, "--calibration-trials", str(corpus.trials), "--calibration-audio",
+                          str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: --calibration-audio must be the training shards" in capsys.readouterr().err
+    assert not (tmp_path / "embeddings.safetensors").exists()  # refused before any audio was read

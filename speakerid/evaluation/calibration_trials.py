@@ -161,28 +161,42 @@ def shard_items(location: str, keys: dict[str, str], config: ExtractConfig,
                              "(python -m shardify calibration-trials)")
 
 
-def _is_training_shards(location: str) -> bool:
-    return names_shards(location) and ShardSet.open(location, check=False).kind == "train"
+@dataclass
+class CalibrationAudio:
+    """Where the calibration list's utterances are read from: training shards (streamed until every one was
+    found) or an evaluation source (:class:`AudioSource`: a folder or eval shards, checked up front)."""
 
+    location: str
+    wanted: dict[str, tuple[str, str]]  # key → (relpath, where it is named)
+    source: AudioSource | None = None  # None: training shards
 
-def calibration_embeddings(loaded: LoadedModel, trial_list: TrialList, audio: str, config: ExtractConfig,
-                           state: PartialState, *, cache: Path | None = None,
-                           progress: Progress | None = None) -> Embeddings | None:
-    """Embeddings of every utterance of the calibration list, read from training shards (:func:`shard_items`), an
-    audio folder or eval shards; on the main process (None elsewhere), cached like the trials'."""
-    wanted = wanted_utterances([trial_list])
-    if _is_training_shards(audio):
-        def items_for(missing, st):
-            return shard_items(audio, {k: wanted[k][1] for k in missing}, config, st)
-        identity = AudioSource(audio).identity()
-    else:
-        source = AudioSource.open(audio)
+    @classmethod
+    def open(cls, location: str, trial_list: TrialList) -> "CalibrationAudio":
+        """Open and check what can be checked before any audio is read."""
+        wanted = wanted_utterances([trial_list])
+        if names_shards(location) and ShardSet.open(location).kind == "train":
+            return cls(location, wanted)
+        if not names_shards(location) and not Path(location).is_dir():
+            raise SpeakeridError(f"{location}: --calibration-audio must be the training shards the calibration list was "
+                                 "drawn from (a directory with index.json, or its URL), an audio folder or eval shards; "
+                                 "nothing is there")
+        source = AudioSource.open(location)
         source.check(wanted)
-        relpaths = {key: rel for key, (rel, _) in wanted.items()}
+        return cls(location, wanted, source)
 
-        def items_for(missing, st):
-            return source_items(source, {k: relpaths[k] for k in missing}, config, st)
-        identity = source.identity()
-    settings = cache_settings(loaded, config, state.device, audio=identity)
-    return extract(loaded, items_for, sorted(wanted), config, state, cache=cache, settings=settings,
-                   progress=progress, stage="calibration")[0]
+    def identity(self) -> str:
+        return (self.source or AudioSource(self.location)).identity()
+
+    def items(self, missing: list[str], config: ExtractConfig, state: PartialState):
+        if self.source is None:
+            return shard_items(self.location, {k: self.wanted[k][1] for k in missing}, config, state)
+        return source_items(self.source, {k: self.wanted[k][0] for k in missing}, config, state)
+
+
+def calibration_embeddings(loaded: LoadedModel, audio: CalibrationAudio, config: ExtractConfig, state: PartialState,
+                           *, cache: Path | None = None, progress: Progress | None = None) -> Embeddings | None:
+    """Embeddings of every utterance of the calibration list on the main process (None elsewhere), cached like
+    the trials'."""
+    settings = cache_settings(loaded, config, state.device, audio=audio.identity())
+    return extract(loaded, lambda missing, st: audio.items(missing, config, st), sorted(audio.wanted), config, state,
+                   cache=cache, settings=settings, progress=progress, stage="calibration")[0]

@@ -21,7 +21,7 @@ from speakerid.data.eval_reader import AudioSource
 from speakerid.data.lists import read_eval_list, scan_audio_tree, utterance_key
 from speakerid.errors import SpeakeridError
 from speakerid.evaluation.calibration import CalibrationConfig, fit_calibration, trial_quality
-from speakerid.evaluation.calibration_trials import calibration_embeddings
+from speakerid.evaluation.calibration_trials import CalibrationAudio, calibration_embeddings
 from speakerid.evaluation.cohort import cohort_embeddings
 from speakerid.evaluation.embeddings import Embeddings
 from speakerid.evaluation.extract import (ExtractConfig, Progress, cache_settings, extract, precision_name,
@@ -48,11 +48,12 @@ def evaluate(loaded: LoadedModel, trials: Iterable[str | os.PathLike], audio: st
     started = time.perf_counter()
     state = process_state(accelerator)
     lists = read_trial_lists(trials)  # every check that needs no audio comes first, on every process
-    cal_list = None
+    cal_list = cal_audio = None
     if calibration.calibration_trials:
         cal_list = read_trial_lists([calibration.calibration_trials])[0]
         if not cal_list.labelled:
             raise SpeakeridError(f"{cal_list.path}: a calibration list needs labels ('1|0 enroll test')")
+        cal_audio = CalibrationAudio.open(calibration.calibration_audio, cal_list)
     wanted = wanted_utterances(lists)
     source = AudioSource.open(audio)
     source.check(wanted)
@@ -75,8 +76,8 @@ def evaluate(loaded: LoadedModel, trials: Iterable[str | os.PathLike], audio: st
     cal_embeddings = None
     if cal_list is not None:
         cal_cache = cache_path.with_name(f"calibration-{cache_path.name}") if cache_path else None
-        cal_embeddings = calibration_embeddings(loaded, cal_list, calibration.calibration_audio, extract_config,
-                                                state, cache=cal_cache, progress=progress)
+        cal_embeddings = calibration_embeddings(loaded, cal_audio, extract_config, state, cache=cal_cache,
+                                                progress=progress)
     if not state.is_main_process:
         return None  # no barrier: the main process may fail while scoring, and nobody should wait for it
 
