@@ -258,9 +258,10 @@ def run_calibration_trials(args) -> int:
     report = make_calibration_trials(args.shards, args.out, pairs=args.pairs, seed=args.seed,
                                      max_shards=args.max_shards)
     faults = f"; skipped: {report.faults}" if report.faults else ""
+    same = f"; {report.same_video_targets} target pairs from one video" if report.same_video_targets else ""
     console.print(escape(f"{report.n_target} target + {report.n_nontarget} non-target trials of {report.speakers} "
                          f"training speakers ({report.utterances} utterances in {report.shards_read} shard(s)){faults}"
-                         f" → {report.path}"), highlight=False)
+                         f"{same} → {report.path}"), highlight=False)
     return 0
 
 

@@ -128,6 +128,7 @@ def test_calibration_trials_are_balanced_training_pairs_reproducible_by_seed(cor
         if t.label:  # every training speaker of the corpus has several videos: targets are cross-session
             assert t.enroll.split("/")[1] != t.test.split("/")[1]
     again = make_calibration_trials(train_shards, tmp_path / "again.txt", pairs=30, seed=3)
+    assert again.same_video_targets == 0
     other = make_calibration_trials(train_shards, tmp_path / "other.txt", pairs=30, seed=4)
     assert again.path.read_text() == (tmp_path / "cal.txt").read_text()
     assert other.path.read_text() != (tmp_path / "cal.txt").read_text()

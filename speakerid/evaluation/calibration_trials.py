@@ -44,6 +44,7 @@ class CalibrationTrialsReport:
     speakers: int  # speakers with at least one utterance in the shards read
     utterances: int  # utterances in the shards read
     shards_read: int
+    same_video_targets: int = 0  # target pairs from one video (the speaker had no other video in the shards read)
     faults: dict = field(default_factory=dict)
 
 
@@ -126,8 +127,9 @@ def make_calibration_trials(shards: str | os.PathLike, out: str | os.PathLike, *
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out) as f:
         f.write("".join(f"{label} {a} {b}\n" for label, a, b in trials))
+    same_video = sum(1 for label, a, b in trials if label == 1 and _video(a) == _video(b))
     return CalibrationTrialsReport(out, pairs, pairs, len(speakers), sum(len(v) for v in speakers.values()), read,
-                                   faults.as_dict() if faults.damaged_shards or faults.corrupt_members else {})
+                                   same_video, faults.as_dict() if faults.damaged_shards or faults.corrupt_members else {})
 
 
 def shard_items(location: str, keys: dict[str, str], config: ExtractConfig,
