@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the map is then no longer monotone, so EER/minDCF may change too")
     c.add_argument("--calibration-prior", type=float, default=0.05,
                    help="effective prior p_target the calibration is weighted for (default 0.05)")
+    c.add_argument("--calibration", metavar="JSON",
+                   help="apply the calibration.json of an earlier run (same checkpoint, protocol, normalisation) "
+                        "instead of fitting one")
     return parser
 
 

@@ -16,7 +16,7 @@ from speakerid.data.lists import entries_from_trials, read_train_list, read_tria
 from speakerid.data.pack import pack
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.errors import SpeakeridError
-from speakerid.evaluation import Embeddings, TrialList, score_trials
+from speakerid.evaluation import Embeddings, TrialList, run_command, score_trials
 from speakerid.evaluation.calibration import Calibration, fit_calibration, quality_features
 from speakerid.evaluation.calibration_trials import make_calibration_trials
 from speakerid.metrics import Metrics, actual_dcf, bayes_threshold, cllr, eer, min_cllr, min_dcf
@@ -206,6 +206,20 @@ def test_evaluate_calibrates_on_training_speakers_and_reports_cllr(corpus, train
         assert cal["eer"] == result["metrics"]["eer"]
     assert cal["min_cllr"] == pytest.approx(result["min_cllr"], abs=1e-3) or not calibration.monotone
     assert summary["calibration"]["trials"] == str(tmp_path / "cal.txt")
+
+    # a fitted calibration applies again, to the scores it was fitted for only
+    base = ["--checkpoint", str(checkpoint), "--trials", str(corpus.trials), "--audio", str(corpus.root), "--workers",
+            "0", "--cache", str(out / "embeddings.safetensors")]
+    assert evaluate_main([*base, "--out", str(tmp_path / "again"), "--calibration", str(out / "calibration.json")]) == 0
+    assert (tmp_path / "again" / "llr-trials.txt").read_text() == (out / "llr-trials.txt").read_text()
+    other = json.loads((out / "calibration.json").read_text())
+    other["scoring"]["normalisation"] = "AS-Norm (top 300 of 2000 cohort speakers)"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SpeakeridError, match="other.json was fitted on other scores \\(normalisation differ"):
+        run_command(checkpoint=str(checkpoint), audio=str(corpus.root), trials=[str(corpus.trials)],
+                    out=str(tmp_path / "other"), embed_only=False, audio_list=None, model=None, loss=None, options=[],
+                    cache=str(out / "embeddings.safetensors"), no_cache=False, workers=0,
+                    calibration=str(tmp_path / "other.json"))
     assert set(cal["actual_dcf"]) == {"p_target_0.05", "p_target_0.01"}
     embeddings, _ = Embeddings.load(out / "calibration-embeddings.safetensors")
     cal_trials = read_trials(cal_path)
@@ -231,6 +245,10 @@ def test_calibration_options_are_checked_before_any_audio(corpus, checkpoint, tm
     assert "--calibration-trials needs --calibration-audio" in capsys.readouterr().err
     assert evaluate_main([*common, "--quality", "norm"]) == 2
     assert "give --calibration-trials LIST" in capsys.readouterr().err
+    assert evaluate_main([*common, "--calibration", str(corpus.trials), "--quality", "norm"]) == 2
+    assert "give one or the other" in capsys.readouterr().err
+    assert evaluate_main([*common, "--calibration", str(corpus.trials)]) == 2
+    assert "cannot read the calibration" in capsys.readouterr().err
     assert evaluate_main([*common, "--calibration-trials", str(corpus.trials), "--calibration-audio",
                           str(tmp_path / "nowhere")]) == 2
     assert "nowhere: --calibration-audio must be the training shards" in capsys.readouterr().err

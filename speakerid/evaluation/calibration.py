@@ -23,7 +23,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +48,13 @@ class CalibrationConfig:
     calibration_audio: str | None = None  # the training shards it was drawn from (or an audio folder / eval shards)
     quality: tuple[str, ...] = ()  # quality measures beside the score: duration, norm
     calibration_prior: float = DEFAULT_P_TARGET  # the effective prior p_target the regression is weighted for
+    calibration: str | None = None  # a calibration.json of an earlier run to apply instead of fitting one
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "quality", tuple(dict.fromkeys(self.quality or ())))
+        if self.calibration and (self.calibration_trials or self.calibration_audio or self.quality):
+            raise SpeakeridError("--calibration FILE applies a fitted calibration (its quality measures included); "
+                                 "--calibration-trials/--calibration-audio/--quality fit a new one: give one or the other")
         unknown = [q for q in self.quality if q not in QUALITY_MEASURES]
         if unknown:
             raise SpeakeridError(f"--quality {unknown[0]!r}: choose from {', '.join(QUALITY_MEASURES)}")
@@ -121,6 +125,7 @@ class Calibration:
     n_target: int = 0  # calibration trials it was fitted on
     n_nontarget: int = 0
     trials: str = ""  # the calibration trial list, for the record
+    scoring: dict = field(default_factory=dict)  # what produced the scores it maps (checkpoint, protocol, …)
 
     @property
     def quality(self) -> tuple[str, ...]:
@@ -144,6 +149,15 @@ class Calibration:
         x = np.stack(columns, axis=1)
         return x @ np.asarray(self.weights) + self.bias - _logit(self.p_target)
 
+    def check_scoring(self, scoring: dict, path: str | os.PathLike) -> None:
+        """A saved calibration maps the scores of one checkpoint, protocol and normalisation only."""
+        changed = sorted(k for k in set(self.scoring) | set(scoring) if self.scoring.get(k) != scoring.get(k))
+        if changed:
+            raise SpeakeridError(f"{path} was fitted on other scores ({', '.join(changed)} differ: "
+                                 f"{ {k: self.scoring.get(k) for k in changed} } there, "
+                                 f"{ {k: scoring.get(k) for k in changed} } now): fit it again with "
+                                 "--calibration-trials")
+
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         write_json_atomic(path, {"format": FORMAT, **asdict(self)})
@@ -158,8 +172,11 @@ class Calibration:
         if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
             raise SpeakeridError(f"{path}: not a speakerid calibration file (written as calibration.json by "
                                  "python -m evaluate --calibration-trials)")
-        data["features"], data["weights"] = tuple(data["features"]), tuple(data["weights"])
-        return cls(**data)
+        try:
+            data["features"], data["weights"] = tuple(data["features"]), tuple(data["weights"])
+            return cls(**data)
+        except (KeyError, TypeError) as error:
+            raise SpeakeridError(f"{path}: a damaged calibration file ({error}); fit it again") from error
 
 
 def _logit(p: float) -> float:
@@ -167,7 +184,7 @@ def _logit(p: float) -> float:
 
 
 def fit_calibration(scores, labels, features: Mapping[str, np.ndarray] | None = None, *,
-                    p_target: float = DEFAULT_P_TARGET, trials: str = "") -> Calibration:
+                    p_target: float = DEFAULT_P_TARGET, trials: str = "", scoring: dict | None = None) -> Calibration:
     """Fit the prior-weighted logistic regression on calibration trials: ``scores`` (T,), ``labels`` (T,) 1/0,
     ``features`` name → (T,) quality features (:func:`quality_features`)."""
     from sklearn.linear_model import LogisticRegression  # on first use: importing sklearn costs seconds
@@ -189,4 +206,5 @@ def fit_calibration(scores, labels, features: Mapping[str, np.ndarray] | None = 
     model = LogisticRegression(C=_C, max_iter=1000).fit((x - mean) / scale, y, sample_weight=weight)
     w = model.coef_[0] / scale  # back to raw features: w·(x − mean)/scale + b = (w/scale)·x + b − Σ w·mean/scale
     bias = float(model.intercept_[0] - np.dot(w, mean))
-    return Calibration(tuple(names), tuple(float(v) for v in w), bias, p_target, n_target, n_nontarget, trials)
+    return Calibration(tuple(names), tuple(float(v) for v in w), bias, p_target, n_target, n_nontarget, trials,
+                       dict(scoring or {}))

@@ -20,7 +20,7 @@ from speakerid.config import parse_override
 from speakerid.data.eval_reader import AudioSource
 from speakerid.data.lists import read_eval_list, scan_audio_tree, utterance_key
 from speakerid.errors import SpeakeridError
-from speakerid.evaluation.calibration import CalibrationConfig, fit_calibration, trial_quality
+from speakerid.evaluation.calibration import Calibration, CalibrationConfig, fit_calibration, trial_quality
 from speakerid.evaluation.calibration_trials import CalibrationAudio, calibration_embeddings
 from speakerid.evaluation.cohort import cohort_embeddings
 from speakerid.evaluation.embeddings import Embeddings
@@ -54,6 +54,8 @@ def evaluate(loaded: LoadedModel, trials: Iterable[str | os.PathLike], audio: st
         if not cal_list.labelled:
             raise SpeakeridError(f"{cal_list.path}: a calibration list needs labels ('1|0 enroll test')")
         cal_audio = CalibrationAudio.open(calibration.calibration_audio, cal_list)
+    elif calibration.calibration:
+        Calibration.load(calibration.calibration)  # readable, before any audio is read
     wanted = wanted_utterances(lists)
     source = AudioSource.open(audio)
     source.check(wanted)
@@ -87,12 +89,18 @@ def evaluate(loaded: LoadedModel, trials: Iterable[str | os.PathLike], audio: st
 
     all_scores = score(embeddings, lists)
     fitted, all_llrs = None, None
+    produced_by = {"weights_sha256": loaded.fingerprint, "eval_frames": extract_config.eval_frames,
+                   "normalisation": describe_normalisation(scoring, cohort), "cohort": scoring.cohort}
     if cal_list is not None:
         fitted = fit_calibration(score(cal_embeddings, [cal_list])[0], cal_list.labels,
                                  trial_quality(cal_embeddings, cal_list, calibration.quality, extract_config.sample_rate),
-                                 p_target=calibration.calibration_prior, trials=str(cal_list.path))
+                                 p_target=calibration.calibration_prior, trials=str(cal_list.path), scoring=produced_by)
+    elif calibration.calibration:
+        fitted = Calibration.load(calibration.calibration)
+        fitted.check_scoring(produced_by, calibration.calibration)
+    if fitted is not None:
         fitted.save(out_dir / "calibration.json")
-        all_llrs = [fitted.apply(s, trial_quality(embeddings, t, calibration.quality, extract_config.sample_rate))
+        all_llrs = [fitted.apply(s, trial_quality(embeddings, t, fitted.quality, extract_config.sample_rate))
                     for t, s in zip(lists, all_scores)]
     results = list_results(lists, all_scores, out_dir, scoring.threshold, all_llrs)
     det = plot_det([(t.name, s, t.labels) for t, s in zip(lists, all_scores) if t.labelled], out_dir / "det.png") \
