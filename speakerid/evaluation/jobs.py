@@ -88,16 +88,10 @@ def evaluate(loaded: LoadedModel, trials: Iterable[str | os.PathLike], audio: st
                             test_normalize=loaded.test_normalize, cohort=cohort, scoring=scoring)
 
     all_scores = score(embeddings, lists)
-    fitted, all_llrs = None, None
     produced_by = {"weights_sha256": loaded.fingerprint, "eval_frames": extract_config.eval_frames,
                    "normalisation": describe_normalisation(scoring, cohort), "cohort": scoring.cohort}
-    if cal_list is not None:
-        fitted = fit_calibration(score(cal_embeddings, [cal_list])[0], cal_list.labels,
-                                 trial_quality(cal_embeddings, cal_list, calibration.quality, extract_config.sample_rate),
-                                 p_target=calibration.calibration_prior, trials=str(cal_list.path), scoring=produced_by)
-    elif calibration.calibration:
-        fitted = Calibration.load(calibration.calibration)
-        fitted.check_scoring(produced_by, calibration.calibration)
+    fitted = _fit_or_load(calibration, cal_list, cal_embeddings, score, produced_by, extract_config.sample_rate)
+    all_llrs = None
     if fitted is not None:
         fitted.save(out_dir / "calibration.json")
         all_llrs = [fitted.apply(s, trial_quality(embeddings, t, fitted.quality, extract_config.sample_rate))
@@ -111,6 +105,21 @@ def evaluate(loaded: LoadedModel, trials: Iterable[str | os.PathLike], audio: st
     write_summary(report, loaded, audio, extract_config, scoring,
                   precision_name(extract_config.precision, state.device))
     return report
+
+
+def _fit_or_load(calibration: CalibrationConfig, cal_list: TrialList | None, cal_embeddings: Embeddings | None,
+                 score, produced_by: dict, sample_rate: int) -> Calibration | None:
+    """The calibration fitted on the calibration list's scores (``score(embeddings, lists)``), the one
+    ``--calibration`` names (checked against ``produced_by``), or None."""
+    if cal_list is not None:
+        return fit_calibration(score(cal_embeddings, [cal_list])[0], cal_list.labels,
+                               trial_quality(cal_embeddings, cal_list, calibration.quality, sample_rate),
+                               p_target=calibration.calibration_prior, trials=str(cal_list.path), scoring=produced_by)
+    if calibration.calibration:
+        fitted = Calibration.load(calibration.calibration)
+        fitted.check_scoring(produced_by, calibration.calibration)
+        return fitted
+    return None
 
 
 def _clear_dead_outputs(out_dir: Path, lists: list[TrialList], cache_path: Path | None) -> None:
