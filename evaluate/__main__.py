@@ -5,6 +5,9 @@
         --option nOut=512 --option encoder_type=SAP --trials veri_test.txt --audio voxceleb1/wav \
         --eval-frames 400 --num-eval 10                  (the seeds' 10-crop protocol)
     python -m evaluate --embed --checkpoint CKPT --audio ROOT_OR_SHARDS [--list LIST] --out emb.safetensors
+    python -m evaluate … --calibration-trials cal.txt --calibration-audio TRAIN_SHARDS [--quality duration norm]
+                                                         (calibrated LLRs: Cllr, actual DCF; cal.txt from
+                                                          python -m shardify calibration-trials)
     accelerate launch -m evaluate …                      (extraction spread over the processes)
 
 CKPT is a speakerid inference checkpoint, a training run directory (its export/) or a voxceleb_trainer
@@ -66,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=300, help="AS-Norm top-k (default 300)")
     s.add_argument("--threshold", type=float,
                    help="actual DCF threshold (default: the EER threshold of the first labelled list)")
+
+    c = parser.add_argument_group("calibration")
+    c.add_argument("--calibration-trials", metavar="LIST",
+                   help="labelled trials of training speakers (python -m shardify calibration-trials): fit a "
+                        "logistic-regression calibration on them and apply it to every list")
+    c.add_argument("--calibration-audio", metavar="SHARDS",
+                   help="the training shards the calibration list was drawn from (or an audio folder / eval shards)")
+    c.add_argument("--quality", nargs="+", choices=("duration", "norm"), default=[],
+                   help="quality measures beside the score (QMF): duration (log seconds), norm (embedding norm); "
+                        "the map is then no longer monotone, so EER/minDCF may change too")
+    c.add_argument("--calibration-prior", type=float, default=0.05,
+                   help="effective prior p_target the calibration is weighted for (default 0.05)")
+    c.add_argument("--calibration", metavar="JSON",
+                   help="apply the calibration.json of an earlier run (same checkpoint, protocol, normalisation) "
+                        "instead of fitting one")
     return parser
 
 
@@ -121,16 +139,33 @@ def print_extraction(stats) -> None:
 def print_report(report) -> None:
     print_extraction(report.extraction)
     table = Table(title=f"speaker verification (normalisation: {report.normalisation}, {report.world_size} process(es))")
-    for column in ("trial list", "trials", "EER %", "minDCF 0.05", "minDCF 0.01", "actDCF 0.05"):
+    calibrated = report.calibration is not None
+    columns = ["trial list", "trials", "EER %", "minDCF 0.05", "minDCF 0.01", "actDCF 0.05", "minCllr"]
+    if calibrated:
+        columns += ["Cllr (cal)", "actDCF 0.05 (cal)"] + (["EER % (cal)"] if not report.calibration.monotone else [])
+    for column in columns:
         table.add_column(column, justify="left" if column == "trial list" else "right")
     for result in report.lists:
         m = result.metrics
         if m is None:
-            table.add_row(escape(result.name), f"{result.n_trials:,}", "scores only", "", "", "")
-        else:
-            table.add_row(escape(result.name), f"{result.n_trials:,}", f"{m.eer:.4f}", f"{m.min_dcf_05:.5f}",
-                          f"{m.min_dcf_01:.5f}", f"{result.actual_dcf['p_target_0.05']:.5f}")
+            table.add_row(escape(result.name), f"{result.n_trials:,}", "scores only", *[""] * (len(columns) - 3))
+            continue
+        row = [escape(result.name), f"{result.n_trials:,}", f"{m.eer:.4f}", f"{m.min_dcf_05:.5f}",
+               f"{m.min_dcf_01:.5f}", f"{result.actual_dcf['p_target_0.05']:.5f}", f"{result.min_cllr:.4f}"]
+        if calibrated:
+            cal = result.calibrated
+            row += [f"{cal['cllr']:.4f}", f"{cal['actual_dcf']['p_target_0.05']:.5f}"]
+            row += [f"{cal['eer']:.4f}"] if not report.calibration.monotone else []
+        table.add_row(*row)
     Console(soft_wrap=True).print(table)
+    if calibrated:
+        fit = report.calibration
+        console.print(escape(f"calibration: {' + '.join(fit.features)} fitted on {fit.n_target} target / "
+                             f"{fit.n_nontarget} non-target trials of {fit.trials} at p_target {fit.p_target:g} → "
+                             f"{report.out_dir / 'calibration.json'}; calibrated LLRs in llr-*.txt"), highlight=False)
+        if fit.weights[0] <= 0:
+            console.print("[yellow]warning:[/] the calibration's score weight is not positive: on the calibration "
+                          "trials higher scores do not mean 'same speaker' (an untrained model, or the wrong list?)")
     for result in report.lists:
         console.print(escape(f"scores: {result.scores_path}"), highlight=False)
     console.print(escape(f"summary: {report.summary_path}"), highlight=False)

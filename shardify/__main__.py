@@ -7,6 +7,8 @@
     python -m shardify merge SHARD_DIR          (after `pack --part i --parts n` array tasks)
     python -m shardify read SHARD_DIR_OR_URL --batch-size 200 --nPerSpeaker 2 --workers 8
                                                 (one epoch of training batches: speed, coverage, faults)
+    python -m shardify calibration-trials TRAIN_SHARDS --out cal.txt [--pairs 5000 --seed 0]
+                                                (a trial list of training speakers for score calibration)
 
 Parsing and printing only: the work is done by speakerid.data.
 """
@@ -104,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rank", type=int, default=0)
     r.add_argument("--epochs", type=float, default=1.0)
     r.add_argument("--io-timeout", type=float, default=60.0, help="seconds without a byte from an http/pipe: shard")
+
+    c = sub.add_parser("calibration-trials", help="draw a calibration trial list of training speakers from shards")
+    c.add_argument("shards", help="training shard directory, its index.json, or an http(s) URL of either")
+    c.add_argument("--out", required=True, help="trial list to write ('1|0 enroll test', shard keys)")
+    c.add_argument("--pairs", type=int, default=5000, help="target pairs, and as many non-target pairs (default 5000)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the drawing (default 0)")
+    c.add_argument("--max-shards", type=int, default=8,
+                   help="read the first this many shards (index order) for utterances (default 8)")
     return parser
 
 
@@ -242,10 +252,24 @@ def run_read(args) -> int:
     return 0
 
 
+def run_calibration_trials(args) -> int:
+    from speakerid.evaluation.calibration_trials import make_calibration_trials
+
+    report = make_calibration_trials(args.shards, args.out, pairs=args.pairs, seed=args.seed,
+                                     max_shards=args.max_shards)
+    faults = f"; skipped: {report.faults}" if report.faults else ""
+    same = f"; {report.same_video_targets} target pairs from one video" if report.same_video_targets else ""
+    console.print(escape(f"{report.n_target} target + {report.n_nontarget} non-target trials of {report.speakers} "
+                         f"training speakers ({report.utterances} utterances in {report.shards_read} shard(s)){faults}"
+                         f"{same} → {report.path}"), highlight=False)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"pack": run_pack, "verify": run_verify, "merge": run_merge, "read": run_read}[args.command](args)
+        return {"pack": run_pack, "verify": run_verify, "merge": run_merge, "read": run_read,
+                "calibration-trials": run_calibration_trials}[args.command](args)
     except SpeakeridError as error:
         console.print(f"[red]error:[/] {escape(str(error))}", highlight=False)
         return 2

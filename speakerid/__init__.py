@@ -10,9 +10,10 @@ batches; evaluation audio; augmentation banks; the synthetic corpus), ``audio`` 
 ``features`` (front-ends), ``specaugment`` (time/frequency masks after them, in training), ``models`` and
 ``losses`` (registries, one family a file), ``training`` (the Accelerate loop and its parts; checkpoint averaging,
 whose front door is ``average``: ``python -m speakerid.average``), ``inference`` and ``checkpoint`` (checkpoints
-in, and the seeds' ``.model`` files), ``evaluation`` (extraction → scoring → report) with ``metrics`` (EER, minDCF,
-DET), ``config`` and ``options`` (the typed run config), ``demo`` (``make demo``), ``errors``, ``tempfiles`` and
-``runtime`` (small shared pieces). The README's "How the code is laid out" draws the same map.
+in, and the seeds' ``.model`` files), ``evaluation`` (extraction → scoring → calibration → report) with
+``metrics`` (EER, minDCF, Cllr, DET), ``config`` and ``options`` (the typed run config), ``demo`` (``make demo``),
+``errors``, ``tempfiles`` and ``runtime`` (small shared pieces). The README's "How the code is laid out" draws the
+same map.
 """
 
 __version__ = "0.1.0"

@@ -23,6 +23,15 @@ a minDCF threshold ``t`` on untied scores it reproduces minDCF. The DET curve is
 The public functions take numpy arrays, lists or torch tensors; bad input raises :class:`SpeakeridError`.
 ``eer_from_roc`` is the EER without those checks, for code that builds its own arrays (the pairwise losses'
 pair EER, which the seed computes with the same call).
+
+**Cllr** (Brümmer & du Preez 2006; BOSARIS ``cllr``) reads scores as natural-log likelihood ratios:
+Cllr = ½·[mean over targets of log2(1 + e^−s) + mean over non-targets of log2(1 + e^s)], in bits; 1 is a
+system that always says "don't know" (s = 0), below 1 the scores carry calibrated information. Raw cosine
+scores are not LLRs, so their Cllr means little: calibrate first (:mod:`speakerid.evaluation.calibration`).
+**minCllr** is the Cllr after the best monotone map of the scores (pool-adjacent-violators, sklearn's
+``IsotonicRegression``; tied scores share one value): what perfect calibration would give, so it depends
+only on the scores' order. Cllr − minCllr is the calibration loss. ``bayes_threshold(p)`` = −logit(p) is
+where calibrated LLRs are accepted for the DCF at prior p.
 """
 
 from __future__ import annotations
@@ -174,6 +183,44 @@ def actual_dcf(scores, labels, threshold: float, p_target: float = 0.05, c_miss:
     p_fa = int(np.count_nonzero(accept & (y == 0))) / float(len(y) - n_target)
     c_det = c_miss * p_miss * p_target + c_fa * p_fa * (1 - p_target)
     return float(c_det / min(c_miss * p_target, c_fa * (1 - p_target)))
+
+
+def bayes_threshold(p_target: float, c_miss: float = 1, c_fa: float = 1) -> float:
+    """The LLR above which a trial is accepted at minimum expected cost: log(c_fa·(1 − p) / (c_miss·p))."""
+    _check_costs(p_target, c_miss, c_fa)
+    return float(np.log(c_fa * (1 - p_target)) - np.log(c_miss * p_target))
+
+
+def _cllr(llrs: np.ndarray, y: np.ndarray) -> float:
+    # log(1 + e^x) as logaddexp(0, x): exact for large |x| and ±inf
+    target = np.logaddexp(0.0, -llrs[y == 1]).mean()
+    nontarget = np.logaddexp(0.0, llrs[y == 0]).mean()
+    return float((target + nontarget) / (2 * np.log(2)))
+
+
+def cllr(scores, labels) -> float:
+    """Log-likelihood-ratio cost in bits of scores read as natural-log likelihood ratios (see the module docstring)."""
+    return _cllr(*check_trials(scores, labels, "Cllr"))
+
+
+PAV_CLIP = 1e-15  # PAV posteriors of 0 or 1 (a block of one class) become LLRs of about ±34.5, not ±inf
+
+
+def pav_llrs(scores, labels) -> np.ndarray:
+    """The optimal monotone map of ``scores`` to LLRs on these trials (PAV posteriors minus the empirical prior)."""
+    from sklearn.isotonic import IsotonicRegression
+
+    s, y = check_trials(scores, labels, "minCllr")
+    posterior = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True).fit_transform(s, y.astype(np.float64))
+    posterior = np.clip(posterior, PAV_CLIP, 1 - PAV_CLIP)
+    prior = y.mean()
+    return np.log(posterior / (1 - posterior)) - np.log(prior / (1 - prior))
+
+
+def min_cllr(scores, labels) -> float:
+    """Cllr after the optimal monotone (PAV) calibration of the scores on these trials: Cllr's floor."""
+    s, y = check_trials(scores, labels, "minCllr")
+    return _cllr(pav_llrs(s, y), y)
 
 
 def det_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

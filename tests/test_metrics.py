@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import roc_curve
 
 from speakerid.errors import SpeakeridError
-from speakerid.metrics import Metrics, actual_dcf, det_curve, eer, min_dcf
+from speakerid.metrics import Metrics, actual_dcf, bayes_threshold, cllr, det_curve, eer, min_cllr, min_dcf
 
 # --------------------------------------------------------------------- slow references, written from the definitions
 
@@ -261,3 +261,47 @@ def test_bad_costs():
         actual_dcf([0.1, 0.2], [1, 0], 0.0, c_fa=0)
     with pytest.raises(SpeakeridError, match="threshold of actual_dcf is NaN"):
         actual_dcf([0.1, 0.2], [1, 0], float("nan"))
+
+
+# ------------------------------------------------------------------------------------------------ Cllr, minCllr
+
+
+def test_cllr_against_hand_computed_values():
+    assert cllr([0.0, 0.0], [1, 0]) == pytest.approx(1.0)  # "don't know" costs one bit
+    assert cllr([math.log(3), -math.log(3)], [1, 0]) == pytest.approx(math.log2(4 / 3))
+    # a confident error costs log2(1 + e^s) bits: a non-target at LLR 2
+    assert cllr([5.0, 2.0], [1, 0]) == pytest.approx(0.5 * (math.log2(1 + math.exp(-5)) + math.log2(1 + math.exp(2))))
+    assert cllr([1e4, -1e4], [1, 0]) == pytest.approx(0.0, abs=1e-12)  # no overflow
+    assert cllr([-1e4, 1e4], [1, 0]) == pytest.approx(1e4 / math.log(2))
+
+
+def test_min_cllr_is_the_pav_calibrated_cllr():
+    # PAV pools the violating pairs: posteriors .5 .5 .5 .5 1, empirical prior 3/5 → LLR −log 1.5 for the pool
+    value = min_cllr([1, 2, 3, 4, 5], [1, 0, 1, 0, 1])
+    assert value == pytest.approx(0.5 * (2 / 3 * math.log2(2.5) + math.log2(5 / 3)), abs=1e-9)
+    assert min_cllr([1, 2, 3, 4], [0, 1, 0, 1]) == pytest.approx(0.5, abs=1e-9)
+    assert min_cllr([0.1, 0.2, 0.3], [0, 1, 1]) == pytest.approx(0.0, abs=1e-9)  # separable: no cost
+    assert min_cllr([7, 7, 7, 7], [1, 0, 1, 0]) == pytest.approx(1.0)  # tied scores share one LLR
+
+
+def test_min_cllr_depends_on_the_order_only_and_bounds_cllr():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 500)
+    scores = rng.normal(size=500) + 1.5 * labels
+    value = min_cllr(scores, labels)
+    assert 0 < value < 1
+    assert min_cllr(np.exp(scores) * 10 - 3, labels) == pytest.approx(value, abs=1e-12)
+    for llrs in (scores, 3 * scores - 1, scores / 5):
+        assert cllr(llrs, labels) >= value
+
+
+def test_bayes_threshold_of_calibrated_llrs():
+    assert bayes_threshold(0.5) == 0.0
+    assert bayes_threshold(0.01) == pytest.approx(math.log(99))
+    # perfectly calibrated LLRs (here: log-odds of two unit-variance Gaussians) are best cut at −logit(p)
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.ones(4000), np.zeros(4000)]
+    x = rng.normal(size=8000) + 2 * labels - 1
+    llrs = 2 * x  # log N(x; 1, 1) − log N(x; −1, 1)
+    act = actual_dcf(llrs, labels, bayes_threshold(0.05), 0.05)
+    assert act == pytest.approx(min_dcf(llrs, labels, 0.05)[0], abs=0.03)

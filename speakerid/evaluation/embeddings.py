@@ -28,6 +28,7 @@ class Embeddings:
     keys: list[str]
     values: np.ndarray
     speakers: list[str] | None = None  # cohort embeddings: each row's speaker
+    samples: list[int | None] | None = None  # whole utterances: each row's audio length before trimming, if known
 
     def rows(self, keys: Iterable[str]) -> np.ndarray:
         position = {k: i for i, k in enumerate(self.keys)}
@@ -47,6 +48,7 @@ class Embeddings:
 
             header = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "keys": json.dumps(self.keys),
                       "speakers": json.dumps(self.speakers),
+                      **({"samples": json.dumps(self.samples)} if self.samples is not None else {}),
                       **{k: json.dumps(v, sort_keys=True) for k, v in (metadata or {}).items()}}
             save_file({"embeddings": np.ascontiguousarray(self.values, dtype=np.float32)}, str(tmp), metadata=header)
         os.replace(tmp, path)
@@ -69,8 +71,10 @@ class Embeddings:
             raise SpeakeridError(f"{path}: not a speakerid embeddings file: {error}") from error
         if header.get("format") != CACHE_FORMAT:
             raise SpeakeridError(f"{path}: not a speakerid embeddings file (format {header.get('format')!r})")
-        meta = {k: json.loads(v) for k, v in header.items() if k not in ("format", "version", "keys", "speakers")}
-        return cls(json.loads(header["keys"]), values, json.loads(header.get("speakers", "null"))), meta
+        meta = {k: json.loads(v) for k, v in header.items()
+                if k not in ("format", "version", "keys", "speakers", "samples")}
+        return cls(json.loads(header["keys"]), values, json.loads(header.get("speakers", "null")),
+                   json.loads(header.get("samples", "null"))), meta
 
 
 def read_cache(path: Path | None, settings: dict) -> tuple[Embeddings | None, dict, str]:
@@ -97,5 +101,6 @@ def read_cache(path: Path | None, settings: dict) -> tuple[Embeddings | None, di
 def drop_changed(cached: Embeddings, stored: dict[str, str], current: dict[str, str]) -> tuple[Embeddings, int]:
     """The cached rows whose audio is unchanged (same fingerprint, or not asked for now); how many were dropped."""
     keep = [i for i, k in enumerate(cached.keys) if k not in current or stored.get(k) == current[k]]
-    kept = Embeddings([cached.keys[i] for i in keep], cached.values[keep], cached.speakers)
+    kept = Embeddings([cached.keys[i] for i in keep], cached.values[keep], cached.speakers,
+                      [cached.samples[i] for i in keep] if cached.samples is not None else None)
     return kept, len(cached.keys) - len(keep)

@@ -189,8 +189,8 @@ def _loader_items(loader, config: ExtractConfig, where: Callable[[str], str]) ->
                 if length < MIN_SAMPLES:
                     prepare_item(where(key), np.zeros(length, np.int16), config)  # raises
                 yield key, audio[row]
-            else:
-                yield key, prepare_item(where(key), audio[row, :length], config)
+            else:  # the length before trimming rides along: the utterance's duration (quality measures)
+                yield key, prepare_item(where(key), audio[row, :length], config), length
 
 
 def source_items(source: AudioSource, relpaths: dict[str, str], config: ExtractConfig,
@@ -253,12 +253,14 @@ def extract(loaded: LoadedModel, items_for: Callable[[list[str], PartialState], 
 
     parts = [cached.keys] if cached is not None else []
     arrays = [cached.values] if cached is not None else []
+    samples = dict(zip(cached.keys, cached.samples)) if cached is not None and cached.samples is not None else {}
     new_keys: list[str] = []
-    for part_keys, part_values, _, _ in gathered:
+    for part_keys, part_values, _, part_samples in gathered:
         if part_values is not None:
             new_keys += part_keys
             parts.append(part_keys)
             arrays.append(part_values)
+            samples.update(zip(part_keys, part_samples))
     if sorted(new_keys) != missing:  # a reader bug or a file that vanished: never score a partial set
         lost = sorted(set(missing) - set(new_keys))[:MAX_LISTED]
         raise SpeakeridError(f"{len(set(missing) - set(new_keys))} utterances were not embedded (e.g. "
@@ -266,7 +268,8 @@ def extract(loaded: LoadedModel, items_for: Callable[[list[str], PartialState], 
     all_keys = [k for part in parts for k in part]
     values = np.concatenate(arrays) if arrays else np.zeros((0, 1, 0), np.float32)
     order = np.argsort(np.asarray(all_keys, dtype=object), kind="stable")
-    merged = Embeddings([all_keys[i] for i in order], values[order])
+    merged_keys = [all_keys[i] for i in order]
+    merged = Embeddings(merged_keys, values[order], samples=[samples.get(k) for k in merged_keys])
     if cache is not None and missing:
         current = {**stored, **(fingerprints or {})}
         merged.save(cache, {"settings": settings, "fingerprints": {k: current[k] for k in merged.keys if k in current}})
@@ -274,7 +277,7 @@ def extract(loaded: LoadedModel, items_for: Callable[[list[str], PartialState], 
         utterances=len(keys), embedded=len(missing), from_cache=len(keys) - len(missing),
         audio_seconds=sum(g[2] for g in gathered) / config.sample_rate, seconds=time.perf_counter() - started,
         cache=str(cache) if cache else None, cache_note=note)
-    wanted = Embeddings(sorted(keys), merged.rows(sorted(keys)))
+    wanted = Embeddings(sorted(keys), merged.rows(sorted(keys)), samples=[samples.get(k) for k in sorted(keys)])
     return wanted, stats
 
 

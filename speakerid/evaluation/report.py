@@ -1,5 +1,8 @@
-"""What an evaluation leaves behind: per list its scores file and metrics (EER, minDCF, actual DCF), the DET
-plot, summary.json, and the reports the jobs return."""
+"""What an evaluation leaves behind: per list its scores file and metrics (EER, minDCF, actual DCF, minCllr), the
+DET plot, summary.json, and the reports the jobs return. With a calibration, per list also its calibrated LLRs
+(``llr-NAME.txt``) and their Cllr, minCllr, EER, minDCF and actual DCF at the Bayes threshold −logit(p_target).
+Raw scores get no Cllr: cosine scores are not log-likelihood ratios, so their Cllr says nothing; their minCllr
+(after the best monotone map) does."""
 
 from __future__ import annotations
 
@@ -10,11 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from speakerid.data.index import write_json_atomic
+from speakerid.evaluation.calibration import Calibration
 from speakerid.evaluation.extract import ExtractConfig, ExtractionStats
 from speakerid.evaluation.scoring import ScoreConfig
 from speakerid.evaluation.trials import TrialList
 from speakerid.inference import LoadedModel
-from speakerid.metrics import DCF_P_TARGETS, Metrics, actual_dcf, det_curve
+from speakerid.metrics import DCF_P_TARGETS, Metrics, actual_dcf, bayes_threshold, cllr, det_curve, min_cllr
 
 
 @dataclass
@@ -26,19 +30,23 @@ class ListResult:
     metrics: Metrics | None = None  # None for an unlabelled list (scores only)
     actual_dcf: dict[str, float] | None = None  # p_target → actual DCF at `threshold`
     threshold: float | None = None
+    min_cllr: float | None = None  # of the raw scores (labelled lists)
+    calibrated: dict | None = None  # with a calibration: llr file; labelled: cllr, min_cllr, eer, min_dcf_*, actual_dcf
 
     def as_dict(self) -> dict:
         return {"name": self.name, "path": str(self.path), "trials": self.n_trials, "scores": str(self.scores_path),
                 "metrics": self.metrics.as_dict() if self.metrics else None,
-                "actual_dcf": {"threshold": self.threshold, **(self.actual_dcf or {})} if self.actual_dcf else None}
+                "actual_dcf": {"threshold": self.threshold, **(self.actual_dcf or {})} if self.actual_dcf else None,
+                "min_cllr": self.min_cllr, "calibrated": self.calibrated}
 
 
 def list_results(lists: list[TrialList], all_scores: list[np.ndarray], out_dir: Path,
-                 threshold: float | None) -> list[ListResult]:
-    """Write each list's scores; EER, minDCF and actual DCF of the labelled ones, at ``threshold`` or else at the
-    EER threshold of the first labelled list."""
+                 threshold: float | None, all_llrs: list[np.ndarray] | None = None) -> list[ListResult]:
+    """Write each list's scores; EER, minDCF, minCllr and actual DCF of the labelled ones, at ``threshold`` or
+    else at the EER threshold of the first labelled list. ``all_llrs``: calibrated scores, written and measured
+    too (actual DCF at the Bayes threshold of each p_target)."""
     results: list[ListResult] = []
-    for trial_list, scores in zip(lists, all_scores):
+    for i, (trial_list, scores) in enumerate(zip(lists, all_scores)):
         result = ListResult(trial_list.name, trial_list.path, len(scores),
                             write_scores(out_dir / f"scores-{trial_list.name}.txt", trial_list, scores))
         if trial_list.labelled:
@@ -47,8 +55,25 @@ def list_results(lists: list[TrialList], all_scores: list[np.ndarray], out_dir: 
             result.threshold = threshold
             result.actual_dcf = {f"p_target_{p:g}": actual_dcf(scores, trial_list.labels, threshold, p)
                                  for p in DCF_P_TARGETS}
+            result.min_cllr = min_cllr(scores, trial_list.labels)
+        if all_llrs is not None:
+            result.calibrated = calibrated_metrics(trial_list, all_llrs[i], out_dir)
         results.append(result)
     return results
+
+
+def calibrated_metrics(trial_list: TrialList, llrs: np.ndarray, out_dir: Path) -> dict:
+    """The calibrated LLRs' file and, for a labelled list, what calibration is judged by."""
+    result: dict = {"llr": str(write_scores(out_dir / f"llr-{trial_list.name}.txt", trial_list, llrs))}
+    if trial_list.labelled:
+        labels = trial_list.labels
+        metrics = Metrics.compute(llrs, labels)
+        result.update({
+            "cllr": cllr(llrs, labels), "min_cllr": min_cllr(llrs, labels), "eer": metrics.eer,
+            "min_dcf_05": metrics.min_dcf_05, "min_dcf_01": metrics.min_dcf_01,
+            "actual_dcf": {f"p_target_{p:g}": actual_dcf(llrs, labels, bayes_threshold(p), p) for p in DCF_P_TARGETS},
+        })
+    return result
 
 
 def write_scores(path: Path, trial_list: TrialList, scores: np.ndarray) -> Path:
@@ -107,6 +132,7 @@ class EvaluationReport:
     seconds: float
     normalisation: str  # "none", "mean subtraction", "AS-Norm (top-k …)" …
     cohort_size: int = 0
+    calibration: Calibration | None = None
 
 
 def write_summary(report: EvaluationReport, loaded: LoadedModel, audio: str | os.PathLike,
@@ -125,6 +151,8 @@ def write_summary(report: EvaluationReport, loaded: LoadedModel, audio: str | os
         "threshold_source": "given" if scoring.threshold is not None else "EER threshold of the first labelled list",
         "extraction": asdict(report.extraction), "processes": report.world_size, "seconds": round(report.seconds, 3),
         "lists": [r.as_dict() for r in report.lists], "det": str(report.det_path) if report.det_path else None,
+        "calibration": ({**asdict(report.calibration), "file": str(report.out_dir / "calibration.json"),
+                         "monotone": report.calibration.monotone} if report.calibration else None),
     })
 
 
