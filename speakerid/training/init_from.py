@@ -18,7 +18,7 @@ without ``augment.speed_perturb`` that loads that head (large-margin fine-tuning
 ``do_lm`` stage does (``num_class *= 3`` stays, only its data loses the perturbation): :func:`run_label_space` makes
 the source's label space the run's, with ``data_speeds: [1.0]`` (only labels 0..n_speakers-1 occur; the rows of the
 other speeds stay in the softmax as negatives), recorded in the run's checkpoints and export so resume and export agree.
-"""
+A run with speed perturbation loads such a head only for the same speeds in the same order (row k is speed k)."""
 
 from __future__ import annotations
 
