@@ -259,8 +259,9 @@ def _changed_options(config: Config, source: InitSource) -> dict[str, list]:
 
 def describe(record: dict) -> str:
     changed = "; ".join(f"{key} {a!r} → {b!r}" for key, (a, b) in record["model_options_changed"].items())
+    head = f"; class head: {record['class_head']}" if "class_head" in record else ""
     return (f"initialised from {record['source']} ({record['kind']}): model {record['model_tensors']} tensors; "
-            f"loss {record['loss']}" + (f"; class head: {record['class_head']}" if "class_head" in record else "") + (f"; model options changed from the source's: {changed}" if changed else ""))
+            f"loss {record['loss']}{head}" + (f"; model options changed from the source's: {changed}" if changed else ""))
 
 
 def save_record(record: dict, run_dir: Path) -> None:
