@@ -246,3 +246,82 @@ def test_the_exponential_schedule_of_the_wespeaker_recipes_warms_up_from_0_and_d
     assert rates[50] == pytest.approx(2e-4 * 0.25 ** 0.5) and rates[100] == pytest.approx(5e-5)  # geometric decay
     with pytest.raises(SpeakeridError, match="give a min_lr above 0"):
         build_scheduler(load_config(None, ["schedule.name=exponential"]), optimizer, steps_per_epoch=100)
+
+
+# --- large-margin fine-tuning after a speed-perturbed base: the whole class head is kept (WeSpeaker's do_lm) ---------
+
+SPEEDS = "augment.speed_perturb=[0.9,1.0,1.1]"
+
+
+@pytest.fixture(scope="module")
+def perturbed_base(train_shards, tmp_path_factory):
+    """The base recipe with speed perturbation: its AAM head has 12 speakers × 3 speeds = 36 rows."""
+    run_dir = tmp_path_factory.mktemp("perturbed") / "run"
+    run_module("train", *_base_args(train_shards, run_dir), SPEEDS)
+    return run_dir
+
+
+def test_an_unperturbed_lm_run_keeps_the_whole_head_of_a_speed_perturbed_base_and_resumes(train_shards,
+                                                                                          perturbed_base, tmp_path):
+    space = {"n_speakers": N_SPEAKERS, "speeds": [1.0, 0.9, 1.1], "n_classes": 36, "data_speeds": [1.0]}
+    lm = tmp_path / "lm"
+    args = [*_lm_args(train_shards, lm, perturbed_base, "configs/resnet34_aamsoftmax_lm.yaml", RESNET), "optim.lr=0.0",
+            "optim.weight_decay=0.0", "schedule.name=constant"]
+    first = run_module("train", *args, "--stop-after-steps", "1")
+    assert "class head: speeds [1.0, 0.9, 1.1] of the source kept (36 rows = 12 speakers × 3 speeds)" in first.stdout
+    for ours, theirs in zip(_parameters(lm), _parameters(perturbed_base)):  # lr 0: every row is the base's
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    (weight,) = _parameters(lm)[1].values()
+    assert 36 in weight.shape
+    record = json.loads((lm / "init_from.json").read_text())
+    assert record["loss"] == "1 tensor loaded" and "labels 0..11" in record["class_head"]
+    # resumed from its own checkpoint: the same label space, recorded in the checkpoint and the export
+    resumed = run_module("train", *args)
+    assert "resuming from" in resumed.stdout and "done: epoch 1" in resumed.stderr, resumed.stdout
+    assert json.loads((_latest(lm) / "training_state_0.json").read_text())["label_space"] == space
+    assert json.loads((lm / "export" / "speakerid.json").read_text())["extra"]["label_space"] == space
+
+
+def test_run_label_space_keeps_the_source_head_only_for_an_unperturbed_run_loading_the_loss(train_shards,
+                                                                                            perturbed_base, tmp_path):
+    from speakerid.training.init_from import run_label_space
+
+    def space(*extra, n_speakers=N_SPEAKERS):
+        return run_label_space(_config(train_shards, tmp_path / "lm", *extra), n_speakers, None)
+
+    assert space(f"train.init_from={perturbed_base}")["n_classes"] == 36
+    assert space(f"train.init_from={perturbed_base}", "train.init_skip=[loss]")["n_classes"] == 12
+    assert space(f"train.init_from={perturbed_base}", "augment.speed_perturb=[1.0,1.2]")["n_classes"] == 24
+    assert space(f"train.init_from={perturbed_base / 'export'}")["n_classes"] == 36  # its extra.label_space
+    assert space(f"train.init_from={perturbed_base}", n_speakers=10) == {"n_speakers": 10, "speeds": [1.0],
+                                                                         "n_classes": 10}
+
+
+def test_a_speed_perturbed_head_of_other_speakers_is_still_refused(train_shards, perturbed_base, tmp_path):
+    from speakerid.training.init_from import run_label_space
+
+    ours = json.loads((train_shards / "index.json").read_text())["speakers"]
+    config = _config(train_shards, tmp_path / "lm", f"train.init_from={perturbed_base}")
+    others = {**{k: v for k, v in ours.items() if v != 3}, "id99999": 3}  # as many speakers, one another
+    space = run_label_space(config, len(others), None)
+    model, loss = build_model_and_loss(config, n_classes=space["n_classes"])
+    with pytest.raises(SpeakeridError, match="2 speakers are in one run and not the other"):
+        init_weights(config, model, loss, n_classes=space["n_classes"], speakers=others, space=space)
+    space = run_label_space(config, 10, None)  # fewer speakers: a 1× head of 10 rows, which 36 rows do not fit
+    model, loss = build_model_and_loss(config, n_classes=space["n_classes"])
+    with pytest.raises(SpeakeridError, match=r"weight: file \(36, 32\), loss aamsoftmax \(10, 32\)"):
+        init_weights(config, model, loss, n_classes=space["n_classes"], space=space)
+
+
+def test_a_speed_perturbed_head_is_refused_by_a_run_of_other_speeds(train_shards, perturbed_base, tmp_path):
+    """As many rows ([1.0, 1.1, 0.9] orders the speeds k otherwise), but row k would mean another speed."""
+    from speakerid.training.init_from import run_label_space
+
+    config = _config(train_shards, tmp_path / "lm", f"train.init_from={perturbed_base}", "augment.speed_perturb=[1.1,1.0,0.9]")
+    space = run_label_space(config, N_SPEAKERS, None)
+    model, loss = build_model_and_loss(config, n_classes=space["n_classes"])
+    with pytest.raises(SpeakeridError, match=r"rows are speeds \[1.0, 0.9, 1.1\].*this run's are \[1.0, 1.1, 0.9\]"):
+        init_weights(config, model, loss, n_classes=space["n_classes"], space=space)
+    same = _config(train_shards, tmp_path / "lm", f"train.init_from={perturbed_base}", SPEEDS)
+    assert init_weights(same, model, loss, n_classes=36, space=run_label_space(same, N_SPEAKERS, None))["loss"] \
+        == "1 tensor loaded"

@@ -19,9 +19,9 @@ from speakerid.data.shardset import ShardSet
 from speakerid.errors import SpeakeridError
 from speakerid.losses import build_loss, loss_class, loss_options
 from speakerid.models import build_model, canonical_options, model_options
-from speakerid.speed import SpeedPerturb, label_space
+from speakerid.speed import SpeedPerturb
 from speakerid.training.checkpoints import claim_run_dir, latest_checkpoint
-from speakerid.training.init_from import check_init_skip, describe, init_weights, save_record
+from speakerid.training.init_from import check_init_skip, describe, init_weights, run_label_space, save_record
 from speakerid.training.state import Progress, TrainingState
 
 
@@ -54,13 +54,13 @@ def build_run(config: Config, force: bool) -> Run:
     shards = ShardSet.open(config.data.train_shards, urls=config.data.train_urls, io_timeout=config.data.io_timeout)
     check_config(config, shards)
     speakers = shards.index["speakers"]
-    labels = label_space(config.augment.speed_perturb, len(speakers))  # each speed its own speakers
-    model, loss = build_model_and_loss(config, n_classes=labels["n_classes"])
     # init_from starts a new run; a run directory with a checkpoint resumes from it instead (its own weights)
     checkpoint = latest_checkpoint(Path(config.train.run_dir))
+    labels = run_label_space(config, len(speakers), checkpoint)  # each speed its own speakers
+    model, loss = build_model_and_loss(config, n_classes=labels["n_classes"])
     init = None
     if config.train.init_from and checkpoint is None:
-        init = init_weights(config, model, loss, n_classes=labels["n_classes"], speakers=speakers)
+        init = init_weights(config, model, loss, n_classes=labels["n_classes"], speakers=speakers, space=labels)
         accelerator.print(describe(init))
     elif config.train.init_from:
         check_init_skip(config)

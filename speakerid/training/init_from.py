@@ -12,7 +12,13 @@ of speakers, is an error naming every tensor that does not fit and the fix (``tr
 model alone). Only the weights come over: optimizer, schedule, epoch and data position start afresh (resuming a
 run, which continues one, is re-running it on its own run directory). A run directory that already has a checkpoint
 resumes from it and ``init_from`` is not applied again, so a resumed fine-tuning run keeps its own weights.
-"""
+
+A source trained with speed perturbation has a class head of n_speakers × speeds rows (label + k·n_speakers). A run
+without ``augment.speed_perturb`` that loads that head (large-margin fine-tuning) keeps it whole, as WeSpeaker's
+``do_lm`` stage does (``num_class *= 3`` stays, only its data loses the perturbation): :func:`run_label_space` makes
+the source's label space the run's, with ``data_speeds: [1.0]`` (only labels 0..n_speakers-1 occur; the rows of the
+other speeds stay in the softmax as negatives), recorded in the run's checkpoints and export so resume and export agree.
+A run with speed perturbation loads such a head only for the same speeds in the same order (row k is speed k)."""
 
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ class InitSource:
     loss_name: str | None
     train_shards: str | None = None  # a run directory's training shards, whose speakers its class head knows
     model_options: dict | None = None  # the recorded model options (None: a .model file does not record them)
+    label_space: dict | None = None  # a run directory's: what its class head's rows mean (speakerid.speed.label_space)
 
 
 def read_init_source(path: str | Path) -> InitSource:
@@ -95,12 +102,66 @@ def _read_run_directory(run_dir: Path) -> InitSource:
         raise SpeakeridError(f"train.init_from: {checkpoint} holds no {ACCELERATE_FILES[0]}")
     return InitSource(checkpoint, "run directory, latest checkpoint", states[0], states[1] or {},
                       recorded.get("model", {}).get("name"), recorded.get("loss", {}).get("name"),
-                      recorded.get("data", {}).get("train_shards") or None, recorded.get("model", {}).get("options", {}))
+                      recorded.get("data", {}).get("train_shards") or None, recorded.get("model", {}).get("options", {}),
+                      saved_label_space(checkpoint))
 
 
 def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keys as the bare module has them: torch.compile's ``_orig_mod.`` and DDP's ``module.`` taken out."""
     return {".".join(p for p in key.split(".") if p not in ("_orig_mod", "module")): value for key, value in state.items()}
+
+
+def source_label_space(path: str | Path) -> dict | None:
+    """The label space a source's class head was trained for: a run directory's latest checkpoint's
+    ``training_state_0.json``, an inference checkpoint's ``extra.label_space``; None where the source does not say."""
+    from speakerid.training.checkpoints import latest_checkpoint
+
+    path = Path(path)
+    if path.is_dir() and (path / "config.yaml").exists():
+        checkpoint = latest_checkpoint(path)
+        return saved_label_space(checkpoint) if checkpoint is not None else None
+    if path.is_dir() and (path / "speakerid.json").exists():
+        return _read_json(path / "speakerid.json").get("extra", {}).get("label_space") or None
+    return None
+
+
+def saved_label_space(checkpoint: Path) -> dict | None:
+    file = checkpoint / "training_state_0.json"
+    if not file.exists():  # an earlier speakerid's checkpoint: speakers only, no speeds
+        return None
+    return _read_json(file).get("label_space") or None
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise SpeakeridError(f"train.init_from: {file}: cannot read it: {error}") from error
+
+
+def run_label_space(config: Config, n_speakers: int, checkpoint: Path | None) -> dict:
+    """What this run's labels and class head mean. Its own speeds (:func:`speakerid.speed.label_space`), except for a
+    run without speed perturbation whose loss comes from a speed-perturbed source of as many speakers: it keeps the
+    source's head (every speed's rows) and trains on speed 1.0 alone (``data_speeds``). ``checkpoint`` (the run's own,
+    when it resumes) is where a resumed run finds that space, so it no longer needs the source."""
+    from speakerid.speed import label_space
+
+    own = label_space(config.augment.speed_perturb, n_speakers)
+    if config.augment.speed_perturb or not config.train.init_from or "loss" in config.train.init_skip:
+        return own
+    recorded = saved_label_space(checkpoint) if checkpoint is not None else source_label_space(config.train.init_from)
+    if not recorded or len(recorded.get("speeds", [])) < 2 or recorded.get("n_speakers") != n_speakers:
+        return own  # nothing to keep; a head for other speakers is refused by init_weights, naming the fix
+    speeds = [float(s) for s in recorded["speeds"]]
+    return {"n_speakers": n_speakers, "speeds": speeds, "n_classes": n_speakers * len(speeds), "data_speeds": [1.0]}
+
+
+def describe_head(space: dict) -> str:
+    """One line for the log and init_from.json when a run keeps a speed-perturbed source's class head."""
+    n, speeds = space["n_speakers"], space["speeds"]
+    return (f"speeds {speeds} of the source kept ({space['n_classes']} rows = {n} speakers × {len(speeds)} speeds); "
+            f"this run trains on speed 1.0 alone (labels 0..{n - 1}), the other speeds' rows stay as negatives "
+            "(WeSpeaker's large-margin stage)")
 
 
 def check_init_skip(config: Config) -> None:
@@ -111,7 +172,7 @@ def check_init_skip(config: Config) -> None:
 
 
 def init_weights(config: Config, model: nn.Module, loss: nn.Module, n_classes: int,
-                 speakers: dict[str, int] | None = None) -> dict:
+                 speakers: dict[str, int] | None = None, space: dict | None = None) -> dict:
     """Load ``config.train.init_from`` into the freshly built ``model`` and ``loss``, exactly; what was done, as a
     record (``source``, ``kind``, ``model_tensors``, ``loss``) for the run directory and the log. ``speakers`` (this
     run's speaker → label map) is compared with a source run's, whose class weights are loaded only for the same
@@ -150,8 +211,15 @@ def init_weights(config: Config, model: nn.Module, loss: nn.Module, n_classes: i
                                  "the model alone")
         per_class = "nClasses" in loss_options(config.loss.name)  # a class head (weights, proxies) per speaker
         unchecked = _same_speakers(source, speakers, where, config.data.io_timeout) if per_class else ""
+        if per_class and space and source.label_space and source.label_space.get("speeds") != space.get("speeds"):
+            raise SpeakeridError(f"{where}: its class head's rows are speeds {source.label_space.get('speeds')} "
+                                 f"(label + k·n_speakers), this run's are {space.get('speeds')}: the rows would belong "
+                                 "to other speeds; set augment.speed_perturb to the source's speeds (or [] to keep its "
+                                 "head for unperturbed fine-tuning), or add train.init_skip=[loss]")
         loss.load_state_dict(source.loss_state, strict=True)
         record["loss"] = f"{len(source.loss_state)} tensor{'' if len(source.loss_state) == 1 else 's'} loaded{unchecked}"
+        if per_class and space and "data_speeds" in space:
+            record["class_head"] = describe_head(space)
     model.load_state_dict(source.model_state, strict=True)
     return record
 
@@ -191,8 +259,9 @@ def _changed_options(config: Config, source: InitSource) -> dict[str, list]:
 
 def describe(record: dict) -> str:
     changed = "; ".join(f"{key} {a!r} → {b!r}" for key, (a, b) in record["model_options_changed"].items())
+    head = f"; class head: {record['class_head']}" if "class_head" in record else ""
     return (f"initialised from {record['source']} ({record['kind']}): model {record['model_tensors']} tensors; "
-            f"loss {record['loss']}" + (f"; model options changed from the source's: {changed}" if changed else ""))
+            f"loss {record['loss']}{head}" + (f"; model options changed from the source's: {changed}" if changed else ""))
 
 
 def save_record(record: dict, run_dir: Path) -> None:
