@@ -72,3 +72,28 @@ def test_the_ecapa_masked_proxy_recipe_trains_with_speed_perturbation(train_shar
     assert space["n_classes"] == 36
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("eer" in r for r in records)
+
+
+@pytest.mark.parametrize("aug_prob, clean", [(0.8, 0.2), (0.6, 0.4), (0.0, 1.0)])
+def test_aug_prob_is_the_share_of_augmented_utterances_in_the_seeds_proportions(noise_banks, aug_prob, clean):
+    """0.8 keeps the seed's 1/5 per type; WeSpeaker's 0.6 leaves 2 in 5 clean, the rest 0.15 each."""
+    from types import SimpleNamespace
+
+    from speakerid.training.build import build_augmenter
+
+    config = load_config(None, [*noise_banks, f"augment.aug_prob={aug_prob}"])
+    augmenter = build_augmenter(config, SimpleNamespace(process_index=0, num_processes=1))
+    assert augmenter.config.probabilities == pytest.approx((clean, *[aug_prob / 4] * 4))
+
+
+def test_the_modern_recipes_augment_as_wespeaker_does():
+    for recipe in MODERN:
+        assert load_config(REPO / f"configs/{recipe}.yaml").augment.aug_prob == 0.6, recipe
+
+
+def test_an_aug_prob_outside_0_1_stops_train_before_the_run_directory(train_shards, noise_banks, tmp_path):
+    result = run_module("train", "--config", REPO / "configs/ecapa_angleproto.yaml", f"data.train_shards={train_shards}",
+                        f"train.run_dir={tmp_path / 'run'}", *TINY, *SIZE["ecapa"], *noise_banks, "augment.aug_prob=1.5",
+                        check=False)
+    assert result.returncode == 2 and "augment.aug_prob must be between 0 and 1" in result.stderr
+    assert not (tmp_path / "run").exists()
