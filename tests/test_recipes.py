@@ -22,7 +22,8 @@ SIZE = {"resnet34": ["model.options.base_channels=4", "model.options.n_mels=40",
                   "model.options.se_bottleneck=8", "model.options.scale=4", "model.options.n_mels=40",
                   "model.options.n_out=32"]}
 SPEEDS = [0.9, 1.0, 1.1]
-MODERN = ["ecapa_c512_aamsoftmax_sp", "resnet34_angleproto", "resnet34_mmp_balance",
+MODERN = ["resnet34_aamsoftmax", "resnet34_aamsoftmax_lm", "ecapa_c512_aamsoftmax_sp",
+          "ecapa_c512_aamsoftmax_sp_lm", "resnet34_angleproto", "resnet34_mmp_balance",
           "ecapa_angleproto", "ecapa_mmp_balance"]
 
 
@@ -60,6 +61,12 @@ def test_the_ecapa_base_recipe_trains_with_speed_perturbation_and_augmentation(t
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("augmented", 0) for r in records) > 0
     assert (tmp_path / "run" / "export" / "speakerid.json").is_file()
+    # the LM recipe keeps the speeds, so the base's 36-row class head loads and fine-tuning starts from it
+    lm = _train("ecapa_c512_aamsoftmax_sp_lm", train_shards, tmp_path / "lm", noise_banks, "schedule.warmup=2",
+                f"train.init_from={tmp_path / 'run'}")
+    assert f"initialised from {checkpoint}" in lm.stdout and "done: epoch 1" in lm.stderr
+    record = json.loads((tmp_path / "lm" / "init_from.json").read_text())
+    assert record["loss"] == "1 tensor loaded", record
 
 
 def test_the_ecapa_masked_proxy_recipe_trains_with_speed_perturbation(train_shards, noise_banks, corpus, tmp_path):
