@@ -19,7 +19,7 @@ from tests.conftest import REPO, run_module
 
 # the recipes at a size that trains in seconds on a CPU, without augmentation banks
 TINY = ["batch_size=4", "max_frames=20", "data.workers=0", "train.mixed_precision=no", "augment.enabled=false",
-        "schedule.warmup=2"]
+        "augment.speed_perturb=[]", "schedule.warmup=2"]  # one class per speaker; tests/test_recipes.py: with speeds
 RESNET = ["model.options.base_channels=4", "model.options.n_mels=40", "model.options.n_out=32"]
 ECAPA = ["model.options.channels=16", "model.options.mfa_channels=48", "model.options.attention_channels=8",
          "model.options.se_bottleneck=8", "model.options.scale=4", "model.options.n_mels=40", "model.options.n_out=32"]

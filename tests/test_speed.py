@@ -90,7 +90,7 @@ def test_speeds_come_from_the_step_generator():
 
 @pytest.mark.parametrize("speeds, message", [([0.9, 1.1], "including 1.0"), ([1.0, 1.0], "distinct"),
                                              ([1.0, 0.0], "between 0.5 and 2.0"), (["fast", 1.0], "numbers"),
-                                             (0.9, "a list of speeds")])
+                                             (0.9, "expected a list")])
 def test_bad_speed_lists_are_refused_naming_the_option(speeds, message):
     with pytest.raises(SpeakeridError, match=message) as error:
         load_config(None, [f"augment.speed_perturb={json.dumps(speeds)}"]).batch_config()

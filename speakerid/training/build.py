@@ -188,9 +188,12 @@ def check_config(config: Config, shards: ShardSet) -> None:
 def build_augmenter(config: Config, accelerator: Accelerator):
     if not config.augment.enabled:
         return None
-    from speakerid.augment import AugmentConfig, Augmenter
+    from speakerid.augment import AUG_TYPES, AugmentConfig, Augmenter
     from speakerid.data.noise import NoiseBank
 
+    if not 0.0 <= config.augment.aug_prob <= 1.0:
+        raise SpeakeridError(f"augment.aug_prob must be between 0 and 1 (the share of utterances augmented), "
+                             f"got {config.augment.aug_prob}")
     if not config.augment.musan_shards and not config.augment.rir_shards:
         raise SpeakeridError("augment.enabled needs augment.musan_shards and/or augment.rir_shards "
                              "(shardify pack --kind noise); or set augment.enabled=false")
@@ -205,9 +208,13 @@ def build_augmenter(config: Config, accelerator: Accelerator):
     # without a bank for a type, that type is never drawn (its probability goes to "none")
     no_musan = {"p_music": 0.0, "p_speech": 0.0, "p_noise": 0.0} if musan is None else {}
     no_rir = {"p_reverb": 0.0} if rirs is None else {}
-    base = AugmentConfig()
-    p_none = base.p_none + sum(getattr(base, k) for k in {**no_musan, **no_rir})
-    return Augmenter(AugmentConfig(**no_musan, **no_rir, p_none=p_none), musan, rirs, seed=config.train.seed, stream=stream)
+    # augment.aug_prob shares out among the augmentation types in the seed's proportions
+    seed = AugmentConfig()
+    shares = {f"p_{kind}": getattr(seed, f"p_{kind}") / (1.0 - seed.p_none) * config.augment.aug_prob
+              for kind in AUG_TYPES if kind != "none"}
+    shares.update(no_musan, **no_rir)
+    p_none = 1.0 - sum(shares.values())
+    return Augmenter(AugmentConfig(**shares, p_none=p_none), musan, rirs, seed=config.train.seed, stream=stream)
 
 
 def build_spec_augment(config: Config, accelerator: Accelerator, model: torch.nn.Module):
