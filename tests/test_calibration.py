@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import soundfile
-from test_evaluation import save
+from test_evaluation import save, train_shards  # noqa: F401 (train_shards: the fixture, shared)
 from test_synthetic import mfcc_statistics
 
 from evaluate.__main__ import main as evaluate_main
@@ -101,14 +101,6 @@ def test_bad_calibration_input_is_named():
 
 
 # ------------------------------------------------------------------------------------ calibration trial lists
-
-
-@pytest.fixture(scope="module")
-def train_shards(corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "shards"
-    plan = make_plan(read_train_list(corpus.train_list), corpus.root, PackConfig(kind="train", chunk_size=2, max_utts=24))
-    pack(plan, corpus.root, out)
-    return out
 
 
 def test_calibration_trials_are_balanced_training_pairs_reproducible_by_seed(corpus, train_shards, tmp_path,

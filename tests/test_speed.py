@@ -16,6 +16,7 @@ from speakerid.errors import SpeakeridError
 from speakerid.speed import EDGE, SpeedPerturb, label_space, read_samples, resample, speed_ratio
 from speakerid.training.state import Progress, TrainingState
 from tests.conftest import run_module
+from tests.test_training import train_shards  # noqa: F401 (the fixture, shared)
 
 SR = 16000
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -117,17 +118,6 @@ def test_a_checkpoint_of_another_label_space_is_refused(tmp_path):
 
 
 # --- through the front door: real shards, real training subprocesses -------------------------------------------------
-
-@pytest.fixture(scope="module")
-def train_shards(corpus, tmp_path_factory):
-    from speakerid.data.lists import read_train_list
-    from speakerid.data.pack import pack
-    from speakerid.data.plan import PackConfig, make_plan
-
-    out = tmp_path_factory.mktemp("train") / "shards"
-    pack(make_plan(read_train_list(corpus.train_list), corpus.root, PackConfig(chunk_size=2, max_utts=6)), corpus.root, out)
-    return out
-
 
 def _args(shards, run_dir, *extra):
     return ["data.train_shards=" + str(shards), f"train.run_dir={run_dir}", "batch_size=4", "max_frames=20",
