@@ -459,3 +459,16 @@ def test_train_called_from_python_gives_the_callers_signal_handlers_back(train_s
     with pytest.raises(SpeakeridError, match="loss is nan"):  # also when it fails inside the loop
         train(load_config(None, _args(train_shards, tmp_path / "nan", "optim.name=sgd", "optim.lr=1e30")))
     assert {sig: signal.getsignal(sig) for sig in StopFlag.SIGNALS} == before
+
+
+def test_a_run_that_reached_max_steps_run_again_trains_nothing(train_shards, tmp_path):
+    """Re-running a finished max_steps run (a requeued job, a re-submitted script) must not add a step."""
+    from speakerid.config import load_config
+    from speakerid.training import train
+
+    config = load_config(None, _args(train_shards, tmp_path / "run", "train.max_steps=3"))
+    assert train(config).progress.step == 3
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    again = train(config)
+    assert again.progress.step == 3 and not again.stopped_by_signal
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before

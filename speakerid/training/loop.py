@@ -48,6 +48,10 @@ def train(config: Config, *, force: bool = False, stop_after_steps: int | None =
     checkpoints = Checkpoints(accelerator, run.run_dir, config.train.keep_checkpoints, run.state)
     if run.checkpoint is not None:
         checkpoints.resume(run.checkpoint)
+    if reached(config.train.max_steps, progress.step):  # a finished run run again: return at once, train nothing
+        accelerator.print(f"{run.run_dir}: already at step {progress.step} of train.max_steps={config.train.max_steps}"
+                          "; nothing to train (raise train.max_steps to continue)")
+        return finish(run, EpochBar(False), TrainResult(run.run_dir, progress, False, float("nan"), []), stopped=False)
     stop = StopFlag()  # before the workers fork: they inherit it until their worker_init_fn leaves the signals to us
     batches = BatchFetcher(iter(run.loader))
     metrics, bar = MetricsLog(run.run_dir / "metrics.jsonl", accelerator), EpochBar(accelerator.is_main_process)
