@@ -58,6 +58,7 @@ def baseline_overrides(args, shards: Path) -> list[str]:
     """The baseline recipe as dotted overrides of the config defaults (no YAML file: it is this script's)."""
     return ["model.name=ResNetSE34L", "model.options={n_out: 128, encoder_type: SAP, log_input: true}",
             "loss.name=aamsoftmax", "loss.options={margin: 0.2, scale: 30.0}",
+            "loss.margin_warmup_start=1", "loss.margin_warmup_end=2",  # margin 0.2 from step 0: no learning in 150 steps
             f"data.train_shards={shards}", f"data.n_speakers={args.batch}", "data.utts_per_speaker=1",
             f"data.max_frames={args.frames}", "data.workers=1",
             "optim.name=adam", f"optim.lr={args.lr}", "schedule.name=constant",
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         base_steps = args.steps - args.lm_steps
         seconds["lm-base"] = run_training(runs / "lm-base", [*base, f"train.max_steps={base_steps}"], console)
         change = ["train.init_from=" + str(runs / "lm-base"), f"train.max_steps={args.lm_steps}",
-                  "loss.options={margin: 0.4, scale: 30.0}", f"data.max_frames={2 * args.frames}",
+                  "loss.options={margin: 0.4, scale: 30.0}", "loss.margin_warmup_start=0", "loss.margin_warmup_end=0", f"data.max_frames={2 * args.frames}",
                   f"optim.lr={args.lr / 10}"]
         seconds["lm"] = run_training(runs / "lm", [*base, *change], console)
         eer_row("large-margin fine-tuning", f"{base_steps} base + {args.lm_steps} steps at margin 0.4, "
