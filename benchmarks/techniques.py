@@ -97,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/speakerid-techniques"),
                         help="corpus, shards, runs and evaluations (a re-run reuses the corpus and shards, retrains)")
-    parser.add_argument("--speakers", type=int, default=200, help="training speakers of the built-in corpus")
-    parser.add_argument("--utts", type=int, default=10, help="utterances per training speaker")
-    parser.add_argument("--test-speakers", type=int, default=20, help="held-out speakers (their trials are scored)")
+    # 200 training speakers × 10 did not learn in 150 steps of N=32 (loss at log 200, EER 46.6 %); 40 × 20 does
+    parser.add_argument("--speakers", type=int, default=40, help="training speakers of the built-in corpus")
+    parser.add_argument("--utts", type=int, default=20, help="utterances per training speaker")
+    parser.add_argument("--test-speakers", type=int, default=10, help="held-out speakers (their trials are scored)")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every row")
     parser.add_argument("--lm-steps", type=int, default=30, help="of --steps, the large-margin fine-tuning's")
     parser.add_argument("--batch", type=int, default=32, help="speakers per batch (N; M = 1)")
