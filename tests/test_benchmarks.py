@@ -86,3 +86,21 @@ def test_a_failed_benchmark_fails_the_run_and_leaves_the_readme_alone(tmp_path):
     assert "model failed" in done.stdout and str(tmp_path / "out" / "model.log") in done.stdout.replace("\n", "")
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["failed"] == ["model"]
     assert readme.read_text() == "<!-- bench:begin -->\nold table\n<!-- bench:end -->\n"
+
+
+def test_techniques_smoke_runs_every_row(tmp_path):
+    """benchmarks/techniques.py --smoke: every technique trains, is scored against the baseline, lands in the JSON."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "techniques.py"), "--smoke", "--out",
+                           str(tmp_path / "out"), "--json", str(tmp_path / "techniques.json")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "techniques.json").read_text())
+    assert [r["technique"] for r in result["rows"]] == [
+        "speed perturbation", "SpecAugment", "MUSAN/RIR", "large-margin fine-tuning", "checkpoint averaging",
+        "score calibration"]
+    for row in result["rows"]:
+        assert math.isfinite(row["without"]) and math.isfinite(row["with"]), row
+        assert row["without"] == result["baseline"]["eer"] or row["figure"] == "Cllr", row
+    # the smoke's untrained model can get a falling calibration map (EER → 100 − EER): only the figures are checked
+    assert all(math.isfinite(eer) for eer in result["rows"][-1]["eer"])
+    assert "techniques.py --smoke" in result["command"] and "technique" in done.stdout
