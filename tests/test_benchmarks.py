@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +107,27 @@ def test_techniques_smoke_runs_every_row(tmp_path):
     # the smoke's untrained model can get a falling calibration map (EER → 100 − EER): only the figures are checked
     assert all(math.isfinite(eer) for eer in result["rows"][-1]["eer"])
     assert "techniques.py --smoke" in result["command"] and "technique" in done.stdout
+
+
+def test_techniques_stops_at_a_signal_to_its_process_group(tmp_path):
+    """Slurm/Kubernetes SIGTERM the whole group: the trainer checkpoints and the script ends, not its next row."""
+    log = tmp_path / "log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "benchmarks" / "techniques.py"), "--out", str(tmp_path / "out"), "--speakers", "6",
+             "--utts", "3", "--test-speakers", "3", "--batch", "4", "--frames", "40", "--steps", "100000",
+             "--seeds", "0", "--workers", "1"], stdout=sink, stderr=subprocess.STDOUT, cwd=tmp_path,
+            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while "epoch" not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert process.poll() is None, log.read_text()[-3000:]
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=120) == 143, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    text = " ".join(log.read_text().split())
+    assert "stopped by a signal while training" in text and "no table written" in text
+    assert not (tmp_path / "out" / "seed-0" / "runs" / "speed").exists()  # the next row never started
