@@ -117,8 +117,20 @@ def test_a_wrong_documented_command_fails_the_check():
 
 def test_the_readme_shows_the_three_jobs():
     commands = " ".join(readme_commands())
-    for needed in ("make demo", "make test", "python -m shardify pack", "accelerate launch train", "python -m evaluate"):
+    for needed in ("make demo", "make test", "speakerid shardify pack", "accelerate launch -m speakerid train",
+                   "speakerid evaluate"):
         assert needed in commands, f"README.md shows no {needed!r} command"
+
+
+def test_the_readme_is_a_short_front_page():
+    lines = (REPO / "README.md").read_text().count("\n")
+    assert lines <= 200, f"README.md has {lines} lines: move reference material to a page under docs/"
+
+
+def test_the_readme_shows_the_python_api():
+    text = (REPO / "README.md").read_text()
+    for call in ("speakerid.load_model(", "model.embed(", "model.score(", "model.verify(", "model.score_trials("):
+        assert call in text, f"README.md does not show {call}"
 
 
 def test_the_readme_examples_of_a_new_model_and_loss_train(monkeypatch):
