@@ -4,8 +4,10 @@ the "Adding a model or a loss" example trains."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import io
 import re
 import shlex
 import subprocess
@@ -27,6 +29,12 @@ PARSERS = {"shardify": "shardify.__main__", "evaluate": "evaluate.__main__", "tr
 # `speakerid <sub> …` (the console command, or `python -m speakerid <sub>`) is the front door `python -m <module> …`
 SUBCOMMANDS = {"shardify": "shardify", "train": "train", "evaluate": "evaluate", "average": "speakerid.average",
                "export": "speakerid.export", "options": "speakerid.config"}
+# other programs' commands the pages may show; anything else in a bash block must be a speakerid command
+EXTERNAL = {"pip", "accelerate", "tensorboard", "wandb", "nvidia-smi", "tar", "ls", "cat", "cd", "mkdir", "rm", "cp",
+            "git", "curl", "wget", "sha256sum", "export", "source", "ffmpeg", "squeue", "scancel"}
+ACCELERATE_VALUE_FLAGS = {"--num_processes", "--num_machines", "--machine_rank", "--main_process_ip",
+                          "--main_process_port", "--config_file", "--mixed_precision", "--gpu_ids",
+                          "--num_cpu_threads_per_process"}
 
 
 def page_commands(page: Path) -> list[str]:
@@ -58,7 +66,7 @@ def _check(argv: list[str], command: str) -> None:
     if argv[:2] == ["accelerate", "launch"]:
         rest = argv[2:]
         while rest and rest[0].startswith("-") and rest[0] != "-m":  # accelerate's own flags and their values
-            rest = rest[2:] if rest[0] in ("--num_processes", "--num_machines", "--machine_rank", "--main_process_ip") else rest[1:]
+            rest = rest[2:] if rest[0] in ACCELERATE_VALUE_FLAGS else rest[1:]
         if rest[:1] == ["speakerid"]:  # accelerate launch $(which speakerid) train …
             argv = rest
         else:
@@ -66,7 +74,7 @@ def _check(argv: list[str], command: str) -> None:
     if argv[:3] == ["python", "-m", "speakerid"]:  # python -m speakerid <sub> … is the console command
         argv = argv[2:]
     if argv[:1] == ["speakerid"]:
-        if argv[1:2] == ["--help"]:
+        if argv[1:2] in (["--help"], ["-h"], ["--version"]):
             return
         assert argv[1:2] and argv[1] in SUBCOMMANDS, f"speakerid has no subcommand {argv[1:2]}: {command}"
         argv = ["python", "-m", SUBCOMMANDS[argv[1]], *argv[2:]]
@@ -80,8 +88,10 @@ def _check(argv: list[str], command: str) -> None:
         result = subprocess.run([sys.executable, argv[1], "--help"], cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 0, f"{command}: {result.stderr}"
         return
-    if argv[:1] == ["accelerate"] or argv[:1] == ["pip"]:
-        return  # accelerate's own commands (accelerate config), installs and wheels
+    if argv[:1] == ["python3"]:
+        argv = ["python", *argv[1:]]
+    if argv[0] in EXTERNAL or argv[:2] == ["python", "-c"] or argv[:3] in tuple(["python", "-m", p] for p in ("pip", "venv", "build", "pytest")):
+        return  # accelerate's own commands (accelerate config), installs, wheels, other programs
     assert argv[:2] == ["python", "-m"], f"unrecognised command: {command}"
     module, args = argv[2], argv[3:]
     assert module in PARSERS, f"the docs show python -m {module}, which is not a front door: {command}"
@@ -92,8 +102,11 @@ def _check(argv: list[str], command: str) -> None:
         pytest.skip("speakerid.export is engineer X's part of issue 14, not on this branch yet (remove on merge)")
     parser = importlib.import_module(PARSERS[module]).build_parser()
     try:
-        parsed = parser.parse_args(args)
+        with contextlib.redirect_stdout(io.StringIO()):
+            parsed = parser.parse_args(args)
     except SystemExit as exit_:
+        if exit_.code == 0 and ({"-h", "--help"} & set(args)):
+            return  # --help printed the usage
         raise AssertionError(f"command does not parse: {command}") from exit_
     if module == "train":
         config = parsed.config and str(REPO / parsed.config)
@@ -111,6 +124,17 @@ def test_a_wrong_documented_command_fails_the_check():
     for wrong in ("speakerid shardify pack --rooot audio --out shards", "speakerid evalute --checkpoint runs/x",
                   "accelerate launch -m speakerid train --config configs/demo.yaml optim.lrr=0.1",
                   "python -m trainer --config configs/demo.yaml", "speakerid options --all"):
+        with pytest.raises((AssertionError, SpeakeridError)):
+            _check(shlex.split(wrong), wrong)
+
+
+def test_the_other_forms_of_a_command_are_checked_too():
+    for right in ("speakerid shardify --help", "speakerid --help", "tensorboard --logdir runs/demo",
+                  "accelerate launch --config_file a.yaml -m speakerid train --config configs/demo.yaml optim.lr=0.1",
+                  "python3 -m shardify verify shards/vox2", "python -c 'import speakerid'"):
+        _check(shlex.split(right), right)
+    for wrong in ("speakerid", "speakerid shardify --rooot x --help", "unzip vox.zip",
+                  "accelerate launch --config_file a.yaml -m speakerid train --config configs/demo.yaml optim.lrr=0.1"):
         with pytest.raises((AssertionError, SpeakeridError)):
             _check(shlex.split(wrong), wrong)
 
