@@ -227,3 +227,12 @@ def test_the_link_check_finds_a_broken_link(tmp_path, monkeypatch):
                     "```bash\n[not](a-link.md)\n```\n")
     assert broken_links(page) == ["docs/x.md (no file docs/x.md)", "docs/a.md#nope (no heading #nope in docs/a.md)"]
 
+
+
+PYTHON_BLOCKS = [pytest.param(code, id=f"{page.name}:{i}") for page in PAGES
+                 for i, code in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))]
+
+
+@pytest.mark.parametrize("code", PYTHON_BLOCKS)
+def test_every_python_example_is_valid_python(code):
+    compile(code, "<docs>", "exec")  # a SyntaxError names the line; what they do is tested where they run
