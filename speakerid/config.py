@@ -2,8 +2,8 @@
 
     cfg = load_config("configs/demo.yaml", ["optim.lr=0.01", "batch_size=100"])
 
-Sections are dataclasses; every field has a type, a default and a one-line help (the README's option
-reference is generated from them). The data section's batch options are :class:`BatchConfig`'s, declared once in
+Sections are dataclasses; every field has a type, a default and a one-line help (docs/options.md, the option
+reference, is generated from them). The data section's batch options are :class:`BatchConfig`'s, declared once in
 speakerid/data/batch_config.py; ``Config.batch_config()`` hands them to the reader. Unknown keys are errors that list the valid ones, so a typo never does
 nothing silently. voxceleb_trainer's option names are accepted as aliases (``trainfunc``,
 ``nPerSpeaker``, ``batch_size``, ``max_frames``, ``nOut``, ``lr_decay``, ``test_interval``, …), at the top
@@ -288,7 +288,7 @@ def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def option_reference() -> str:
-    """Markdown tables of every option (the README's reference is generated from this)."""
+    """Markdown tables of every option (docs/options.md is generated from this)."""
     lines = []
     for section in dataclasses.fields(Config):
         cls = section.type if isinstance(section.type, type) else typing.get_type_hints(Config)[section.name]

@@ -1,6 +1,6 @@
-"""Every loss against a plain, loop-by-loop transcription of its formula (FIDELITY.md), value and gradient.
+"""Every loss against a plain, loop-by-loop transcription of its formula (docs/fidelity.md), value and gradient.
 
-The references below are written from the papers / FIDELITY.md, one scalar at a time, and never call
+The references below are written from the papers / docs/fidelity.md, one scalar at a time, and never call
 speakerid's loss code. Two batches are used: distinct labels, and one where two rows share a label
 (the same speaker on two ranks), which the references treat as the same speaker.
 """
