@@ -472,3 +472,13 @@ def test_a_run_that_reached_max_steps_run_again_trains_nothing(train_shards, tmp
     again = train(config)
     assert again.progress.step == 3 and not again.stopped_by_signal
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_a_plateau_schedule_without_validation_says_its_rate_stays_constant(train_shards, tmp_path, capsys):
+    """ReduceLROnPlateau steps on the validation EER: without a trial list it never steps, and the run says so."""
+    from speakerid.config import load_config
+    from speakerid.training import train
+
+    train(load_config(None, _args(train_shards, tmp_path / "run", "schedule.name=plateau", "train.max_steps=1")))
+    said = " ".join(capsys.readouterr().out.split())
+    assert "schedule.name=plateau" in said and "validation.trials is unset" in said

@@ -53,6 +53,10 @@ def build_run(config: Config, force: bool) -> Run:
     set_seed(config.train.seed)
     shards = ShardSet.open(config.data.train_shards, urls=config.data.train_urls, io_timeout=config.data.io_timeout)
     check_config(config, shards)
+    if config.schedule.name == "plateau" and not config.validation.trials:
+        accelerator.print("warning: schedule.name=plateau lowers the learning rate when the validation EER stops "
+                          "improving, but validation.trials is unset: the rate stays at optim.lr for the whole run "
+                          "(set validation.trials and validation.audio, or choose another schedule.name)")
     speakers = shards.index["speakers"]
     # init_from starts a new run; a run directory with a checkpoint resumes from it instead (its own weights)
     checkpoint = latest_checkpoint(Path(config.train.run_dir))
