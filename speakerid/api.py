@@ -17,7 +17,6 @@ an empty, too short (< 0.1 s) or all-zero input is a :class:`SpeakeridError` nam
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -36,6 +35,7 @@ from speakerid.evaluation.extract import MIN_SAMPLES, Embedder, ExtractConfig, p
 from speakerid.evaluation.scoring import score_trials as score_lists
 from speakerid.evaluation.trials import TrialList, wanted_utterances
 from speakerid.inference import EXPORT_DIR, LoadedModel, load_inference_checkpoint
+from speakerid.metrics import bayes_threshold
 
 CALIBRATION_NAME = "calibration.json"  # looked for in the checkpoint directory (and a run directory)
 PENDING_SECONDS = 600.0  # audio waiting for a full batch, at most; the fullest length group runs first
@@ -241,8 +241,7 @@ class SpeakerModel:
     @property
     def bayes_threshold(self) -> float:
         """The LLR above which :meth:`verify` accepts: −logit(p_target) of the calibration's prior."""
-        p = self._need_calibration().p_target
-        return math.log1p(-p) - math.log(p)
+        return bayes_threshold(self._need_calibration().p_target)
 
     def _need_calibration(self) -> Calibration:
         if self.calibration is None:

@@ -237,3 +237,19 @@ def test_a_voxceleb_trainer_model_file_loads_with_its_architecture_named(tmp_pat
     wav = sorted(corpus.root.rglob("*.wav"))[0]
     torch.testing.assert_close(seed.embed(wav), model.embed(wav), rtol=1e-4, atol=1e-5)
     assert json.dumps(seed.loaded.meta["model"]) == json.dumps(model.loaded.meta["model"])
+
+
+def test_the_example_of_docs_python_api_runs(corpus, checkpoint, evaluated, tmp_path, monkeypatch):
+    text = (REPO / "docs" / "python-api.md").read_text()
+    example = text.split("```python\n", 1)[1].split("```", 1)[0]
+    trials = read_trials(corpus.trials)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(corpus.root, tmp_path / "wav")
+    shutil.copy(corpus.trials, tmp_path / "veri_test2.txt")
+    shutil.copy(corpus.root / trials[0].enroll, tmp_path / "a.wav")
+    shutil.copy(corpus.root / trials[0].test, tmp_path / "b.wav")
+    shutil.copytree(checkpoint, tmp_path / "runs" / "resnet34")
+    shutil.copy(evaluated / "calibration.json", tmp_path / "runs" / "resnet34")  # verify decides with it
+    namespace: dict = {}
+    exec(compile(example, "docs/python-api.md", "exec"), namespace)
+    assert namespace["e"].shape == (32,) and namespace["scores"].shape == (len(trials),)
