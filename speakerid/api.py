@@ -62,6 +62,11 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
             "model.safetensors (a training run directory holds one in export/); a voxceleb_trainer .model file also "
             "loads, with its architecture named: load_model(path, model='ResNetSE34L', loss='angleproto', nOut=512, "
             "encoder_type='SAP')")
+    if path.is_dir() and (model is not None or loss is not None or model_options):
+        given = ", ".join([*(f"{k}=" for k, v in (("model", model), ("loss", loss)) if v is not None),
+                           *(f"{k}=" for k in model_options)])
+        raise SpeakeridError(f"{path}: a speakerid checkpoint describes its own model; {given} name the architecture "
+                             "of a voxceleb_trainer .model file only: leave them out")
     loaded = load_inference_checkpoint(path, model=model, loss=loss, options=model_options or None)
     return SpeakerModel(loaded, device=_device(device), calibration=_find_calibration(path, loaded, calibration),
                         precision=precision)
@@ -214,7 +219,7 @@ class SpeakerModel:
     def _warn_once(self, key: tuple, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=5)
+            warnings.warn(message, UserWarning, stacklevel=8)  # the caller of embed()
 
     # --------------------------------------------------------------------------------------------- scoring
 

@@ -196,6 +196,9 @@ def test_bad_input_is_one_clear_error_naming_it(corpus, checkpoint, model, tmp_p
         speakerid.load_model(tmp_path)
     with pytest.raises(SpeakeridError, match="nowhere: no such checkpoint"):
         speakerid.load_model(tmp_path / "nowhere")
+    with pytest.raises(SpeakeridError, match="describes its own model; model=, nOut= name the architecture of a "
+                                             "voxceleb_trainer .model file only"):
+        speakerid.load_model(checkpoint, model="ResNetSE34L", nOut=32)
 
     soundfile.write(str(tmp_path / "empty.wav"), np.zeros(0, np.int16), 16000)
     with pytest.raises(SpeakeridError, match="empty.wav: no audio samples"):
