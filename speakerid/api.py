@@ -10,7 +10,9 @@
 An embedding is the one ``python -m evaluate`` computes with its default protocol: the whole utterance, trimmed
 to the extraction grid (:func:`speakerid.evaluation.trim_length`), through the model at evaluate's precision,
 batched only with utterances of the same trimmed length (so a batch never changes a result). Scores are cosine
-similarities, as evaluate's whole-utterance scores, whatever the loss. Input checks (docs/python-api.md): another
+similarities, as evaluate's whole-utterance scores, whatever the loss. ``load_model(…, eval_frames=400)`` gives
+the seeds' crop protocol instead (evaluate's ``--eval-frames``: embeddings (num_eval, D), the seeds' distance
+score, which follows the loss's test_normalize). Input checks (docs/python-api.md): another
 sample rate is resampled (scipy's resample_poly) with a warning, several channels are averaged with a warning;
 an empty, too short (< 0.1 s) or all-zero input is a :class:`SpeakeridError` naming it.
 """
@@ -29,9 +31,10 @@ from speakerid.audio import decode_file, float_to_int16, resample_int16
 from speakerid.data.eval_reader import AudioSource, EvalConfig
 from speakerid.data.lists import read_trials, scan_audio_tree
 from speakerid.errors import SpeakeridError
-from speakerid.evaluation.calibration import Calibration, quality_features
+from speakerid.evaluation.calibration import Calibration, quality_features, utterance_measures
 from speakerid.evaluation.embeddings import Embeddings
 from speakerid.evaluation.extract import MIN_SAMPLES, Embedder, ExtractConfig, prepare_item
+from speakerid.evaluation.scoring import cosine_scores, crop_scores
 from speakerid.evaluation.scoring import score_trials as score_lists
 from speakerid.evaluation.trials import TrialList, wanted_utterances
 from speakerid.inference import EXPORT_DIR, LoadedModel, load_inference_checkpoint
@@ -45,7 +48,7 @@ Audio = str | os.PathLike | np.ndarray | torch.Tensor
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device | None = None, model: str | None = None,
                loss: str | None = None, calibration: str | os.PathLike | None = None, precision: str = "auto",
-               **model_options) -> "SpeakerModel":
+               eval_frames: int = 0, num_eval: int = 10, **model_options) -> "SpeakerModel":
     """Load a checkpoint for inference: a speakerid checkpoint directory, a training run directory (its
     ``export/``), or a voxceleb_trainer ``.model`` file with its architecture named (``model="ResNetSE34L",
     loss="angleproto", nOut=512, encoder_type="SAP"``).
@@ -53,7 +56,9 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
     ``device``: "cpu", "cuda", "cuda:1" or a torch.device; default cuda when available. ``calibration``: a
     ``calibration.json`` written by ``python -m evaluate --calibration-trials`` (default: the one in the checkpoint
     directory, if any) for :meth:`SpeakerModel.verify`. ``precision``: as evaluate's ``--precision`` (auto: bf16/fp16
-    on a GPU, fp32 on the CPU).
+    on a GPU, fp32 on the CPU). ``eval_frames``/``num_eval``: 0 (default) embeds whole utterances, as evaluate
+    does by default; else the seeds' protocol, as ``--eval-frames``: ``num_eval`` crops of ``eval_frames``·160 + 240
+    samples per utterance (an embedding is then ``(num_eval, D)``, a score the seeds' −mean crop distance).
     """
     path = Path(path)
     if path.is_file() and model is None and path.name not in ("speakerid.json", "model.safetensors"):
@@ -68,8 +73,10 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
         raise SpeakeridError(f"{path}: a speakerid checkpoint describes its own model; {given} name the architecture "
                              "of a voxceleb_trainer .model file only: leave them out")
     loaded = load_inference_checkpoint(path, model=model, loss=loss, options=model_options or None)
+    config = ExtractConfig(eval_frames=eval_frames, num_eval=num_eval, precision=precision,
+                           sample_rate=int(loaded.meta.get("sample_rate", 16000)))
     return SpeakerModel(loaded, device=_device(device), calibration=_find_calibration(path, loaded, calibration),
-                        precision=precision)
+                        config=config)
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -102,11 +109,11 @@ class SpeakerModel:
     """A loaded checkpoint on a device: :meth:`embed`, :meth:`score`, :meth:`verify`, :meth:`score_trials`."""
 
     def __init__(self, loaded: LoadedModel, *, device: torch.device, calibration: Path | None = None,
-                 precision: str = "auto") -> None:
+                 config: ExtractConfig = ExtractConfig()) -> None:
         self.loaded = loaded
-        self.sample_rate = int(loaded.meta.get("sample_rate", 16000))
+        self.config = config  # evaluate's extraction settings: protocol, precision, sample rate
+        self.sample_rate = config.sample_rate
         self.embedding_dim = int(loaded.meta["embedding_dim"])
-        self.config = ExtractConfig(sample_rate=self.sample_rate, precision=precision)
         self._embedder = Embedder(loaded.model, device, self.config)
         self.calibration_path = calibration
         self.calibration = Calibration.load(calibration) if calibration is not None else None
@@ -118,18 +125,24 @@ class SpeakerModel:
 
     def __repr__(self) -> str:
         name = self.loaded.meta["model"]["name"]
+        crops = f", eval_frames={self.config.eval_frames}, num_eval={self.config.num_eval}" if self.crops else ""
         calibrated = f", calibration={str(self.calibration_path)!r}" if self.calibration_path else ""
         return (f"SpeakerModel({name}, embedding_dim={self.embedding_dim}, sample_rate={self.sample_rate}, "
-                f"device={str(self.device)!r}, source={str(self.loaded.source)!r}{calibrated})")
+                f"device={str(self.device)!r}, source={str(self.loaded.source)!r}{crops}{calibrated})")
+
+    @property
+    def crops(self) -> bool:
+        """The seeds' crop protocol (``eval_frames`` > 0) rather than whole utterances."""
+        return self.config.eval_frames > 0
 
     # ------------------------------------------------------------------------------------------- embedding
 
     def embed(self, x: Audio | list[Audio], *, sample_rate: int | None = None,
               batch_size: int = 64) -> torch.Tensor | dict[str, torch.Tensor]:
         """Embed one input → ``(D,)``; a list → ``(N, D)`` in its order; a folder → {relative path: ``(D,)``}
-        over its audio files (recursive, sorted). An input is an audio file, or a 1-D numpy array / tensor
-        (int16, or float in [-1, 1]) with its ``sample_rate``. Embeddings are float32 CPU tensors; utterances
-        of one trimmed length run together, at most ``batch_size`` per forward pass."""
+        over its audio files (recursive, sorted); with crops each ``(D,)`` is ``(num_eval, D)``. An input is an
+        audio file, or a 1-D numpy array / tensor (int16, or float in [-1, 1]) with its ``sample_rate``. Embeddings
+        are float32 CPU tensors; utterances of one trimmed length run together, at most ``batch_size`` per pass."""
         if batch_size < 1:
             raise SpeakeridError(f"batch_size must be at least 1, got {batch_size}")
         if isinstance(x, (str, os.PathLike)) and Path(x).is_dir():
@@ -160,12 +173,13 @@ class SpeakerModel:
             pending -= length * len(group)
             for start in range(0, len(group), batch_size):
                 part = group[start:start + batch_size]
-                values = self._embedder.forward(torch.from_numpy(np.stack([a for _, a, _ in part])))[:, 0]
+                values = self._embedder.forward(torch.from_numpy(np.stack([a for _, a, _ in part])))  # (B, C, D)
+                values = values if self.crops else values[:, 0]
                 out.update((name, (value, n)) for (name, _, n), value in zip(part, values))
 
         for name, (samples, label) in items:
             _check_audio(samples, label)
-            item = prepare_item(label, samples, self.config)  # (1, trimmed length)
+            item = prepare_item(label, samples, self.config)  # (1, trimmed length) or (num_eval, crop length)
             groups.setdefault(item.shape[-1], []).append((name, item, len(samples)))
             pending += item.shape[-1]
             if len(groups[item.shape[-1]]) >= batch_size:
@@ -224,7 +238,8 @@ class SpeakerModel:
     # --------------------------------------------------------------------------------------------- scoring
 
     def score(self, a: Audio, b: Audio, *, sample_rate: int | None = None) -> float:
-        """Cosine similarity of the two inputs' embeddings (evaluate's whole-utterance score)."""
+        """Cosine similarity of the two inputs' embeddings (evaluate's whole-utterance score); with crops the
+        seeds' score, −mean of the crop pairs' distances (crops L2-normalised first if the loss's test_normalize)."""
         return self._pair(a, b, sample_rate)[0]
 
     def verify(self, a: Audio, b: Audio, *, threshold: float | None = None, sample_rate: int | None = None) -> bool:
@@ -237,10 +252,9 @@ class SpeakerModel:
     def llr(self, a: Audio, b: Audio, *, sample_rate: int | None = None) -> float:
         """The calibrated log-likelihood ratio of the trial (a, b) (needs a calibration)."""
         calibration = self._need_calibration()
-        score, found = self._pair(a, b, sample_rate)
-        measures = {"duration": np.array([found[k][1] for k in "ab"], np.float64) / self.sample_rate,
-                    "norm": np.array([np.linalg.norm(found[k][0].astype(np.float64)) for k in "ab"])}
-        features = quality_features({q: measures[q] for q in calibration.quality}, np.array([[0, 1]]))
+        score, pair = self._pair(a, b, sample_rate)
+        measures = utterance_measures(pair, calibration.quality, self.sample_rate)
+        features = quality_features(measures, np.array([[0, 1]]))
         return float(calibration.apply(np.array([score]), features)[0])
 
     @property
@@ -260,13 +274,19 @@ class SpeakerModel:
 
     def _scoring(self) -> dict:
         """What produced the scores, as evaluate records it in a calibration (checked before it is used)."""
-        return {"weights_sha256": self.loaded.fingerprint, "eval_frames": 0, "normalisation": "none", "cohort": None}
+        return {"weights_sha256": self.loaded.fingerprint, "eval_frames": self.config.eval_frames,
+                "normalisation": "none", "cohort": None}
 
-    def _pair(self, a: Audio, b: Audio, sample_rate: int | None) -> tuple[float, dict]:
+    def _pair(self, a: Audio, b: Audio, sample_rate: int | None) -> tuple[float, Embeddings]:
+        """The trial's score, and its two embeddings with their lengths (quality measures)."""
         found = self._embed_all([("a", a), ("b", b)], sample_rate, 2)
-        pair = np.stack([found["a"][0], found["b"][0]]).astype(np.float64)
-        unit = pair / np.maximum(np.linalg.norm(pair, axis=1, keepdims=True), 1e-12)
-        return float(unit[0] @ unit[1]), found
+        pair = Embeddings(["a", "b"], np.stack([found["a"][0], found["b"][0]]), samples=[found[k][1] for k in "ab"])
+        return float(self._scores(pair, np.array([[0, 1]]))[0]), pair
+
+    def _scores(self, embeddings: Embeddings, pairs: np.ndarray) -> np.ndarray:
+        if self.crops:
+            return crop_scores(embeddings.values, pairs, normalize=self.loaded.test_normalize)
+        return cosine_scores(embeddings.values, pairs)
 
     def score_trials(self, trial_list: str | os.PathLike, *, audio: str | os.PathLike,
                      batch_size: int = 64) -> np.ndarray:
@@ -284,14 +304,14 @@ class SpeakerModel:
             items = self._shard_items(source, relpaths)
         found = self._run(items, batch_size)
         keys = sorted(found)
-        scores = score_lists(Embeddings(keys, np.stack([found[k][0] for k in keys])), [trials])[0]
-        return scores
+        embeddings = Embeddings(keys, np.stack([found[k][0] for k in keys]))
+        return score_lists(embeddings, [trials], crops=self.crops, test_normalize=self.loaded.test_normalize)[0]
 
     def _shard_items(self, source: AudioSource, relpaths: dict[str, str]) -> Iterator[tuple[str, tuple]]:
         rate = int(source.shards.sample_rate)
         if rate != self.sample_rate:
-            raise SpeakeridError(f"{source.location}: eval shards at {rate} Hz, the model expects "
-                                 f"{self.sample_rate} Hz: pack them again with shardify --sample-rate {self.sample_rate}")
+            raise SpeakeridError(f"{source.location}: eval shards at {rate} Hz, the model expects {self.sample_rate} "
+                                 f"Hz: pack them again with shardify --sample-rate {self.sample_rate}")
         loader = source.loader(relpaths, EvalConfig(), sample_rate=self.sample_rate)
         for batch in loader:
             audio = batch["audio"].numpy()

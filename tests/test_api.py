@@ -256,3 +256,22 @@ def test_the_example_of_docs_python_api_runs(corpus, checkpoint, evaluated, tmp_
     namespace: dict = {}
     exec(compile(example, "docs/python-api.md", "exec"), namespace)
     assert namespace["e"].shape == (32,) and namespace["scores"].shape == (len(trials),)
+
+
+def test_the_seeds_crop_protocol_is_evaluates_eval_frames(corpus, tmp_path):
+    checkpoint = save(tmp_path / "proto", loss="proto")  # proto scores crops without L2-normalising them
+    out = tmp_path / "crops"
+    settings = ExtractConfig(eval_frames=20, num_eval=3, workers=0)
+    evaluate(load_inference_checkpoint(checkpoint), [corpus.trials], corpus.root, out, settings)
+    model = speakerid.load_model(checkpoint, device="cpu", eval_frames=20, num_eval=3)
+    assert model.crops and "eval_frames=20, num_eval=3" in repr(model)
+    cached, _ = Embeddings.load(out / "embeddings.safetensors")
+    trial = read_trials(corpus.trials)[0]
+    embedding = model.embed(corpus.root / trial.enroll)
+    assert embedding.shape == (3, 32)
+    np.testing.assert_allclose(embedding.numpy(), cached.rows([utterance_key(trial.enroll)])[0], rtol=1e-4, atol=1e-5)
+    expected = column(out / f"scores-{corpus.trials.stem}.txt")
+    np.testing.assert_allclose(model.score_trials(corpus.trials, audio=corpus.root), expected, atol=1e-5)
+    assert model.score(corpus.root / trial.enroll, corpus.root / trial.test) == pytest.approx(expected[0], abs=1e-5)
+    whole = speakerid.load_model(checkpoint, device="cpu").score(corpus.root / trial.enroll, corpus.root / trial.test)
+    assert whole != pytest.approx(expected[0], abs=1e-3)  # the protocol does change the score
