@@ -12,12 +12,24 @@ batches; evaluation audio; augmentation banks; the synthetic corpus), ``audio`` 
 whose front door is ``average``: ``python -m speakerid.average``), ``inference`` and ``checkpoint`` (checkpoints
 in, and the seeds' ``.model`` files), ``evaluation`` (extraction → scoring → calibration → report) with
 ``metrics`` (EER, minDCF, Cllr, DET), ``config`` and ``options`` (the typed run config), ``demo`` (``make demo``),
-``errors``, ``tempfiles`` and ``runtime`` (small shared pieces). The README's "How the code is laid out" draws the
-same map.
+``errors``, ``tempfiles`` and ``runtime`` (small shared pieces), and ``api`` (the Python API:
+``speakerid.load_model(path)`` → embed, score, verify, score_trials; docs/python-api.md). The README's "How the
+code is laid out" draws the same map.
 """
 
 __version__ = "0.1.0"
 
 from speakerid.errors import SpeakeridError
 
-__all__ = ["SpeakeridError", "__version__"]
+_API = ("load_model", "SpeakerModel")  # from speakerid.api, imported on first use: `import speakerid` stays cheap
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from speakerid import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'speakerid' has no attribute {name!r}")
+
+
+__all__ = ["SpeakeridError", "SpeakerModel", "__version__", "load_model"]

@@ -70,15 +70,7 @@ def read_audio(
     fewer than ``min_seconds`` of audio, or a wav shorter than its header says, is an error.
     """
     path = Path(path)
-    try:
-        if path.suffix.lower() in COMPRESSED_EXTENSIONS:
-            samples, rate = _decode_with_av_or_ffmpeg(path)
-        else:
-            samples, rate = _decode_with_soundfile(path)
-    except (AudioError, DecoderMissing):
-        raise
-    except (OSError, RuntimeError, ValueError, soundfile.LibsndfileError) as error:
-        raise AudioError(f"{path}: cannot decode: {error}") from error
+    samples, rate = decode_file(path)
     if samples.shape[1] > 1:
         if not downmix:
             raise AudioError(f"{path}: {samples.shape[1]} channels, expected mono; pass --downmix to average them")
@@ -93,6 +85,19 @@ def read_audio(
     if mono.size < min_seconds * sample_rate:
         raise AudioError(f"{path}: {mono.size / sample_rate:.3f} s of audio, shorter than the minimum {min_seconds} s")
     return np.ascontiguousarray(mono)
+
+
+def decode_file(path: str | Path) -> tuple[np.ndarray, int]:
+    """Decode ``path`` as it is: int16 samples ``(n, channels)`` and the file's sample rate."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in COMPRESSED_EXTENSIONS:
+            return _decode_with_av_or_ffmpeg(path)
+        return _decode_with_soundfile(path)
+    except (AudioError, DecoderMissing):
+        raise
+    except (OSError, RuntimeError, ValueError, soundfile.LibsndfileError) as error:
+        raise AudioError(f"{path}: cannot decode: {error}") from error
 
 
 def resample_int16(samples: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
