@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import accelerate.utils
@@ -67,16 +68,20 @@ def test_the_flat_config_holds_every_key_as_a_plain_value():
     assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
 
 
-def test_tensorboard_event_files_hold_the_loss_and_the_config(train_shards, tmp_path):  # noqa: F811
+def test_tensorboard_event_files_hold_the_step_metrics_the_validation_eer_and_the_config(corpus, train_shards,  # noqa: F811
+                                                                                           tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    run_module("train", *_args(train_shards, run_dir), "train.log_with=[tensorboard]", "train.log_every=1",
-               "--stop-after-steps", "3")
+    run_module("train", *_args(train_shards, run_dir, "max_epoch=1", "train.test_interval=1",
+                               f"validation.trials={corpus.trials}", f"validation.audio={corpus.root}"),
+               "train.log_with=[tensorboard]", "train.log_every=1")
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logs = run_dir / "logs" / "speakerid"
     events = EventAccumulator(str(logs)).Reload()
-    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
-    assert {"lr", "accuracy", "utterances_per_s", "data_wait"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, max(steps) + 1))
+    assert {"lr", "accuracy", "utterances_per_s", "data_wait", "eer", "min_dcf_01"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("eer")] == [max(steps)]
     hparams = list(logs.glob("*/hparams.yml"))  # Accelerate's copy of the resolved config given to init_trackers
     assert len(hparams) == 1 and "train.log_with: '[''tensorboard'']'" in hparams[0].read_text()
 
@@ -88,3 +93,4 @@ def test_trackers_can_be_added_when_a_run_resumes(train_shards, tmp_path):  # no
                          "--stop-after-steps", "2")
     assert "resuming from" in resumed.stdout + resumed.stderr
     assert list((run_dir / "logs" / "speakerid").glob("events.out.tfevents.*"))
+
