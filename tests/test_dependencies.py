@@ -141,3 +141,9 @@ def test_the_guard_walk_tells_module_level_from_guarded_imports(tmp_path):
     found = {(i.module, i.guarded, i.optional) for i in _imports(source, root=tmp_path)}
     assert found == {("numpy", False, False), ("a", False, False), ("x", True, True), ("y", True, False),
                      ("z", True, True)}
+
+
+def test_docs_logging_lists_every_extra(setup_cfg):
+    _, extras = _declared(setup_cfg)
+    page = (REPO / "docs" / "logging.md").read_text()
+    assert not [name for name in extras if f"`speakerid-toolkit[{name}]`" not in page]

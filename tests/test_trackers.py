@@ -13,7 +13,7 @@ from speakerid.config import load_config
 from speakerid.errors import SpeakeridError
 from speakerid.training.trackers import flat_config, tracker_names
 from tests.conftest import run_module
-from tests.test_training import _args, train_shards  # noqa: F401  (the tiny training shards)
+from tests.test_training import _args, _free_port, _launch, train_shards  # noqa: F401  (the tiny training shards)
 
 
 def test_log_with_names_every_tracker_and_the_deprecated_tensorboard_flag_folds_in():
@@ -59,6 +59,16 @@ def test_a_missing_tracker_fails_the_train_command_before_any_data_is_read(tmp_p
     assert f"train.log_with: {name} is not installed; pip install" in result.stderr
     assert "no-shards" not in result.stderr and "Traceback" not in result.stderr  # the shards were never opened
     assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_tracker_stops_every_rank_of_a_launch_before_the_process_group_forms(tmp_path):
+    name = _missing_tracker()
+    process = _launch("-m", "train", f"data.train_shards={tmp_path / 'no-shards'}", f"train.run_dir={tmp_path / 'run'}",
+                      f"train.log_with=[{name}]", port=_free_port())
+    output, _ = process.communicate(timeout=120)  # a rank waiting for another in the process group would hang here
+    assert process.returncode != 0
+    assert f"train.log_with: {name} is not installed" in output, output  # the launcher ends the other rank
+    assert "no-shards" not in output
 
 
 def test_the_flat_config_holds_every_key_as_a_plain_value():
