@@ -17,8 +17,7 @@ from tests.conftest import REPO
 
 # import name → distribution name, where they differ (importlib.metadata.packages_distributions knows only what is
 # installed here; this list does not depend on that)
-DISTRIBUTIONS = {"sklearn": "scikit-learn", "yaml": "pyyaml", "av": "av", "PIL": "pillow", "cv2": "opencv-python",
-                 "onnxruntime": "onnxruntime"}
+DISTRIBUTIONS = {"sklearn": "scikit-learn", "yaml": "pyyaml", "PIL": "pillow", "cv2": "opencv-python"}
 
 
 @dataclass(frozen=True)
