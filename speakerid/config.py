@@ -114,7 +114,11 @@ class TrainSection:
     keep_checkpoints: int = option(3, "checkpoints kept in the run directory")
     compile: bool = option(False, "torch.compile the model")
     channels_last: bool = option(False, "channels_last memory format for the 2-D CNNs")
-    tensorboard: bool = option(False, "also log to TensorBoard through Accelerate's trackers")
+    log_with: list = option([], "experiment trackers, Accelerate's names: [tensorboard], [wandb], [tensorboard, mlflow], …; "
+                                "local logs under run_dir/logs (docs/logging.md)")
+    project: str = option("speakerid", "the trackers' project (TensorBoard: run_dir/logs/PROJECT; wandb, comet_ml: "
+                                       "the project; mlflow: the experiment); the run is named after run_dir")
+    tensorboard: bool = option(False, "deprecated: means train.log_with=[tensorboard]")
     log_every: int = option(10, "steps between metrics.jsonl records")
     init_from: str = option("", "a new run starts from these weights: a run directory (its latest complete checkpoint), "
                                 "an inference checkpoint or a voxceleb_trainer .model file; ignored when resuming")

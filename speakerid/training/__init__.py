@@ -9,7 +9,8 @@ run from trained weights (``train.init_from``: a run directory, an inference che
 claims the run directory and saves, rotates and loads ``checkpoints/step-NNNNNNNN`` (``Checkpoints``);
 ``signals.py`` turns SIGTERM/SIGUSR1/SIGINT into a clean stop at the next step or while waiting for data
 (``StopFlag``, ``BatchFetcher``, ``next_batch``); ``logs.py`` writes ``metrics.jsonl``, draws the progress bar and
-measures a step's throughput; ``epoch.py`` starts an epoch and ends it (data report, export, validation, schedule);
+measures a step's throughput; ``trackers.py`` checks ``train.log_with`` (Accelerate's experiment trackers) before the
+Accelerator starts and gives them the resolved config; ``epoch.py`` starts an epoch and ends it (data report, export, validation, schedule);
 ``loop.py`` holds ``train()`` — the loop, on one screen — with ``optimizer_step`` and ``training_step``. After a
 run, ``average.py`` averages the model weights of its last checkpoints into an inference checkpoint
 (``average_checkpoints``; its front door is ``python -m speakerid.average``).

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 
 from speakerid.config import Config, save_config
 from speakerid.data.batches import batches_per_epoch, train_loader, usable_utterances
@@ -23,6 +23,7 @@ from speakerid.speed import SpeedPerturb
 from speakerid.training.checkpoints import claim_run_dir, latest_checkpoint
 from speakerid.training.init_from import check_init_skip, describe, init_weights, run_label_space, save_record
 from speakerid.training.state import Progress, TrainingState
+from speakerid.training.trackers import logging_dir, start_trackers, tracker_names
 
 
 @dataclass
@@ -46,10 +47,13 @@ class Run:
 
 def build_run(config: Config, force: bool) -> Run:
     """Everything a typo can break is built before the run directory is claimed: a failed start writes nothing."""
+    trackers = tracker_names(config)  # before the Accelerator: a missing package fails before a process group waits
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.train.mixed_precision),
-                              gradient_accumulation_steps=config.optim.grad_accum,
-                              log_with="tensorboard" if config.train.tensorboard else None,
-                              project_dir=config.train.run_dir)
+                              gradient_accumulation_steps=config.optim.grad_accum, log_with=trackers or None,
+                              project_config=ProjectConfiguration(project_dir=config.train.run_dir,
+                                                                  logging_dir=logging_dir(config.train.run_dir)))
+    if config.train.tensorboard:
+        accelerator.print("train.tensorboard is deprecated: use train.log_with=[tensorboard]")
     set_seed(config.train.seed)
     shards = ShardSet.open(config.data.train_shards, urls=config.data.train_urls, io_timeout=config.data.io_timeout)
     check_config(config, shards)
@@ -90,8 +94,7 @@ def build_run(config: Config, force: bool) -> Run:
         save_config(config, run_dir / "config.yaml")
         if init is not None:
             save_record(init, run_dir)
-    if config.train.tensorboard:
-        accelerator.init_trackers("tensorboard")
+    start_trackers(accelerator, config, trackers)
     # per-epoch coverage of this rank's share of the usable utterances, and damaged input skipped
     meter = EpochMeter(usable_utterances(shards.index, data, world * max(1, config.data.workers)) // world)
     return Run(config, accelerator, run_dir, model, loss, optimizer, augmenter, spec_augment, loader, per_epoch,

@@ -23,7 +23,10 @@ def claim_run_dir(config: Config, force: bool) -> Path:
         import yaml
 
         previous = yaml.safe_load(resolved.read_text())
-        diffs = [d for d in diff_configs(previous, config.to_dict()) if not d.startswith(("train.max_epoch", "train.max_steps"))]
+        # a longer run, or one logged otherwise, is the same run resumed
+        same_run = ("train.max_epoch", "train.max_steps", "train.log_with", "train.project", "train.tensorboard",
+                    "train.log_every")
+        diffs = [d for d in diff_configs(previous, config.to_dict()) if not d.startswith(same_run)]
         if diffs and not force:
             raise SpeakeridError(
                 f"{run_dir} holds a run of another configuration ({'; '.join(diffs[:5])}"
