@@ -1,14 +1,5 @@
-"""python -m evaluate: embed test audio with a checkpoint, score trial lists, report EER and minDCF.
-
-    python -m evaluate --checkpoint CKPT --trials veri_test2.txt [list_test_all2.txt …] --audio ROOT_OR_SHARDS
-    python -m evaluate --checkpoint baseline_lite_ap.model --model ResNetSE34L --loss angleproto \
-        --option nOut=512 --option encoder_type=SAP --trials veri_test.txt --audio voxceleb1/wav \
-        --eval-frames 400 --num-eval 10                  (the seeds' 10-crop protocol)
-    python -m evaluate --embed --checkpoint CKPT --audio ROOT_OR_SHARDS [--list LIST] --out emb.safetensors
-    python -m evaluate … --calibration-trials cal.txt --calibration-audio TRAIN_SHARDS [--quality duration norm]
-                                                         (calibrated LLRs: Cllr, actual DCF; cal.txt from
-                                                          python -m shardify calibration-trials)
-    accelerate launch -m evaluate …                      (extraction spread over the processes)
+"""speakerid evaluate (checkout: python -m evaluate): embed test audio with a checkpoint, score trial lists, report
+EER and minDCF.
 
 CKPT is a speakerid inference checkpoint, a training run directory (its export/) or a voxceleb_trainer
 .model file. Parsing and printing only: the work is done by speakerid.evaluation.
@@ -23,13 +14,30 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from speakerid.cli.help import parser as help_parser
 from speakerid.errors import SpeakeridError
 
 console = Console(stderr=True, soft_wrap=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m evaluate", description=__doc__.split("\n\n")[0])
+PROG = "python -m evaluate"
+DESCRIPTION = """\
+Embed test audio with a checkpoint, score trial lists, report EER and minDCF. CKPT is a speakerid inference
+checkpoint, a training run directory (its export/) or a voxceleb_trainer .model file."""
+EXAMPLES = """\
+  {prog} --checkpoint CKPT --trials veri_test2.txt [list_test_all2.txt …] --audio ROOT_OR_SHARDS
+  {prog} --checkpoint baseline_lite_ap.model --model ResNetSE34L --loss angleproto \\
+      --option nOut=512 --option encoder_type=SAP --trials veri_test.txt --audio voxceleb1/wav \\
+      --eval-frames 400 --num-eval 10                  (the seeds' 10-crop protocol)
+  {prog} --embed --checkpoint CKPT --audio ROOT_OR_SHARDS [--list LIST] --out emb.safetensors
+  {prog} … --calibration-trials cal.txt --calibration-audio TRAIN_SHARDS [--quality duration norm]
+                                                       (calibrated LLRs: Cllr, actual DCF; cal.txt from
+                                                        speakerid shardify calibration-trials)
+  accelerate launch -m speakerid evaluate …            (extraction spread over the processes)"""
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = help_parser(prog, DESCRIPTION, EXAMPLES)
     parser.add_argument("--checkpoint", required=True,
                         help="speakerid checkpoint directory, training run directory, or voxceleb_trainer .model file")
     parser.add_argument("--model", help=".model files: the architecture (e.g. ResNetSE34L)")
@@ -108,8 +116,8 @@ class RichProgress:
             self.bar.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     progress = RichProgress()
     try:
         from speakerid.evaluation import EmbedReport, run_command

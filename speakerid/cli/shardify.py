@@ -1,14 +1,5 @@
-"""python -m shardify: pack a speaker corpus into WebDataset tar shards, verify them, merge parts.
-
-    python -m shardify pack --list train_list.txt --root AUDIO_ROOT --out SHARD_DIR [options]
-    python -m shardify pack --kind eval  --trials veri_test2.txt --root VOX1_WAV --out EVAL_SHARDS
-    python -m shardify pack --kind noise --root musan_split --out MUSAN_SHARDS
-    python -m shardify verify SHARD_DIR [--decode]
-    python -m shardify merge SHARD_DIR          (after `pack --part i --parts n` array tasks)
-    python -m shardify read SHARD_DIR_OR_URL --batch-size 200 --nPerSpeaker 2 --workers 8
-                                                (one epoch of training batches: speed, coverage, faults)
-    python -m shardify calibration-trials TRAIN_SHARDS --out cal.txt [--pairs 5000 --seed 0]
-                                                (a trial list of training speakers for score calibration)
+"""speakerid shardify (checkout: python -m shardify): pack a speaker corpus into WebDataset tar shards, verify them,
+merge parts, read them as training batches, draw calibration trials.
 
 Parsing and printing only: the work is done by speakerid.data.
 """
@@ -29,6 +20,7 @@ from speakerid.data.batch_config import BatchConfig, batch_fields
 from speakerid.data import index as shard_index
 from speakerid.data import lists, pack
 from speakerid.data.plan import DEFAULT_SHARD_SIZE, KINDS, PackConfig, make_plan
+from speakerid.cli.help import HelpFormatter, examples
 from speakerid.errors import SpeakeridError
 
 console = Console(stderr=True, soft_wrap=True)  # messages keep whole paths on one line
@@ -53,11 +45,36 @@ def human_bytes(n: float) -> str:
     return ""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m shardify", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+PROG = "python -m shardify"
+DESCRIPTION = "Pack a speaker corpus into WebDataset tar shards, verify them, merge parts, read them."
+EXAMPLES = {
+    "pack": """\
+  {prog} --list train_list.txt --root AUDIO_ROOT --out SHARD_DIR
+  {prog} --kind eval --trials veri_test2.txt --root VOX1_WAV --out EVAL_SHARDS
+  {prog} --kind noise --root musan_split --out MUSAN_SHARDS
+  {prog} … --part 3 --parts 16          (one SLURM array task; then: shardify merge SHARD_DIR)""",
+    "verify": "  {prog} SHARD_DIR [--decode]",
+    "merge": "  {prog} SHARD_DIR                     (after `pack --part i --parts n` array tasks)",
+    "read": """\
+  {prog} SHARD_DIR_OR_URL --batch-size 200 --nPerSpeaker 2 --workers 8
+                                        (one epoch of training batches: speed, coverage, faults)""",
+    "calibration-trials": """\
+  {prog} TRAIN_SHARDS --out cal.txt --pairs 5000 --seed 0
+                                        (a trial list of training speakers for score calibration)""",
+}
 
-    p = sub.add_parser("pack", help="pack audio into tar shards (resumes when re-run)")
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    every = "\n".join(lines.replace("{prog}", f"{{prog}} {name}") for name, lines in EXAMPLES.items())
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=examples(every, prog),
+                                     formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              epilog=examples(EXAMPLES[name], f"{prog} {name}"), formatter_class=HelpFormatter)
+
+    p = add("pack", "pack audio into tar shards (resumes when re-run)")
     p.add_argument("--list", help="train: 'speaker relpath' lines; eval: 'relpath' or 'speaker relpath' lines "
                                   "(without it, every audio file under --root; train: speaker = first folder)")
     p.add_argument("--trials", nargs="+", default=[], help="eval: trial lists whose utterances to pack")
@@ -73,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="target shard size, estimated from input file sizes (default 256MiB)")
     size.add_argument("--max-utts", type=int, help="utterances per shard instead of a byte target")
     p.add_argument("--seed", type=int, default=0, help="seed of the chunking and shuffling")
-    p.add_argument("--sample-rate", type=int, default=16000)
+    p.add_argument("--sample-rate", type=int, default=16000,
+                   help="sample rate of the shards; files at another rate are errors unless --resample")
     p.add_argument("--resample", action="store_true", help="resample files at another rate instead of failing")
     p.add_argument("--downmix", action="store_true", help="average multi-channel files instead of failing")
     p.add_argument("--skip-bad", action="store_true",
@@ -87,15 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", type=int, default=0, help="this task's part, 0 <= part < parts (SLURM array)")
     p.add_argument("--parts", type=int, default=1, help="number of parts; then run `merge` once all are done")
 
-    v = sub.add_parser("verify", help="re-check every shard against index.json")
-    v.add_argument("shard_dir")
+    v = add("verify", "re-check every shard against index.json")
+    v.add_argument("shard_dir", help="the shard directory holding index.json")
     v.add_argument("--decode", action="store_true", help="also decode every audio member")
-    v.add_argument("--workers", type=int, default=2)
+    v.add_argument("--workers", type=int, default=2, help="processes checking shards in parallel")
 
-    m = sub.add_parser("merge", help="write index.json once every part of a --parts run has finished")
-    m.add_argument("shard_dir")
+    m = add("merge", "write index.json once every part of a --parts run has finished")
+    m.add_argument("shard_dir", help="the shard directory all parts wrote to")
 
-    r = sub.add_parser("read", help="read training batches for an epoch: crops/s, coverage, faults")
+    r = add("read", "read training batches for an epoch: crops/s, coverage, faults")
     r.add_argument("shards", help="shard directory, its index.json, or an http(s) URL of either")
     r.add_argument("--urls", help="shard URLs instead of the index's neighbours (brace pattern, pipe:, http)")
     for name, type_, option in batch_fields():  # the run config's data.* options: same defaults, help, seed names
@@ -103,11 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument(*flags, dest=name, type=type_, default=option.default, help=option.metadata["help"])
     r.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     r.add_argument("--world-size", type=int, default=1, help="read as rank --rank of this many")
-    r.add_argument("--rank", type=int, default=0)
-    r.add_argument("--epochs", type=float, default=1.0)
+    r.add_argument("--rank", type=int, default=0, help="the rank to read as, 0 <= rank < world size")
+    r.add_argument("--epochs", type=float, default=1.0, help="epochs to read (fractions allowed)")
     r.add_argument("--io-timeout", type=float, default=60.0, help="seconds without a byte from an http/pipe: shard")
 
-    c = sub.add_parser("calibration-trials", help="draw a calibration trial list of training speakers from shards")
+    c = add("calibration-trials", "draw a calibration trial list of training speakers from shards")
     c.add_argument("shards", help="training shard directory, its index.json, or an http(s) URL of either")
     c.add_argument("--out", required=True, help="trial list to write ('1|0 enroll test', shard keys)")
     c.add_argument("--pairs", type=int, default=5000, help="target pairs, and as many non-target pairs (default 5000)")
@@ -265,8 +283,8 @@ def run_calibration_trials(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         return {"pack": run_pack, "verify": run_verify, "merge": run_merge, "read": run_read,
                 "calibration-trials": run_calibration_trials}[args.command](args)

@@ -1,4 +1,4 @@
-"""accelerate launch train --config configs/X.yaml [key=value …]   (also: accelerate launch -m train …)
+"""speakerid train (checkout: accelerate launch train): train a model from shards, resuming a run directory.
 
 Trains any registered model with any registered loss from shards, on one CPU, one GPU, many GPUs or many
 nodes, with the same command. Re-running it on an existing run directory resumes from the latest checkpoint.
@@ -13,23 +13,38 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
+from speakerid.cli.help import parser as help_parser
 from speakerid.config import load_config
 from speakerid.errors import SpeakeridError
 
 console = Console(stderr=True, soft_wrap=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="accelerate launch train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML recipe (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides, e.g. optim.lr=0.01 batch_size=100")
+PROG = "accelerate launch train"
+DESCRIPTION = """\
+Train any registered model with any registered loss from shards, on one CPU, one GPU, many GPUs or many nodes,
+with the same command. Re-running it on an existing run directory resumes from its latest checkpoint."""
+EXAMPLES = """\
+  {prog} --config configs/resnetse34l_angleproto.yaml
+  {prog} --config configs/demo.yaml data.train_shards=SHARD_DIR optim.lr=0.01 batch_size=100
+  {prog} data.train_shards=SHARD_DIR model.name=ResNetSE34V2 loss.name=softmaxproto   (no YAML: defaults + keys)
+  accelerate launch -m speakerid train --config configs/X.yaml      (every GPU of this machine)
+  accelerate launch $(which speakerid) train --config configs/X.yaml"""
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = help_parser(prog, DESCRIPTION, EXAMPLES)
+    parser.add_argument("--config", help="YAML recipe (configs/*.yaml); without it, the defaults of speakerid options")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted config overrides, e.g. optim.lr=0.01 batch_size=100 (all: speakerid options)")
     parser.add_argument("--force", action="store_true", help="resume a run directory whose config differs")
-    parser.add_argument("--stop-after-steps", type=int, help="checkpoint and exit after this many steps (testing)")
+    # Testing only (accepted, not shown): checkpoint and exit after this many steps.
+    parser.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         from speakerid.training import train
 
