@@ -46,10 +46,11 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     except SpeakeridError as error:
         console.print(f"[red]error:[/] {escape(str(error))}", highlight=False)
         return 2
+    evaluate = "speakerid evaluate" if prog.startswith("speakerid") else "python -m evaluate"
     for checkpoint, step, epoch in zip(result.checkpoints, result.steps, result.epochs):
         console.print(escape(f"  {checkpoint}  (epoch {epoch}, step {step})"), highlight=False)
     console.print(escape(f"averaged {len(result.checkpoints)} checkpoint(s) → {result.path}; evaluate it with "
-                         f"python -m evaluate --checkpoint {result.path} …"), highlight=False)
+                         f"{evaluate} --checkpoint {result.path} …"), highlight=False)
     return 0
 
 

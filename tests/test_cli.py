@@ -239,3 +239,11 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_hints_name_the_command_as_typed(corpus, tmp_path, capsys):
+    """`speakerid shardify pack --part 0 --parts 2` says to run `speakerid shardify merge`, not the checkout's form."""
+    code = run(["shardify", "pack", "--list", str(corpus.train_list), "--root", str(corpus.root),
+                "--out", str(tmp_path / "shards"), "--chunk-size", "2", "--max-utts", "12", "--part", "0", "--parts", "2"])
+    assert code == 0
+    assert f"once every part is: speakerid shardify merge {tmp_path / 'shards'}" in capsys.readouterr().err

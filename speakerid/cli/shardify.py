@@ -185,11 +185,11 @@ def run_pack(args) -> int:
         return 130
     finally:
         listener.stop()
-    print_pack_summary(report)
+    print_pack_summary(report, args.prog)
     return 0
 
 
-def print_pack_summary(report: pack.PackReport) -> None:
+def print_pack_summary(report: pack.PackReport, prog: str = PROG) -> None:
     plan = report.plan
     table = Table(show_header=False, title=f"shardify pack → {plan.config.kind} shards" + (
         f" (part {report.part} of {report.parts})" if report.parts > 1 else ""))
@@ -214,7 +214,7 @@ def print_pack_summary(report: pack.PackReport) -> None:
     if report.index_path:
         console.print(escape(f"index: {report.index_path}"), highlight=False)
     else:
-        console.print(escape(f"part {report.part} of {report.parts} done; once every part is: python -m shardify merge {report.out_dir}"), highlight=False)
+        console.print(escape(f"part {report.part} of {report.parts} done; once every part is: {prog} merge {report.out_dir}"), highlight=False)
 
 
 def run_verify(args) -> int:
@@ -285,6 +285,7 @@ def run_calibration_trials(args) -> int:
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
+    args.prog = prog  # hints name the command as the user typed it
     try:
         return {"pack": run_pack, "verify": run_verify, "merge": run_merge, "read": run_read,
                 "calibration-trials": run_calibration_trials}[args.command](args)
