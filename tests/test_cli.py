@@ -247,3 +247,13 @@ def test_hints_name_the_command_as_typed(corpus, tmp_path, capsys):
                 "--out", str(tmp_path / "shards"), "--chunk-size", "2", "--max-utts", "12", "--part", "0", "--parts", "2"])
     assert code == 0
     assert f"once every part is: speakerid shardify merge {tmp_path / 'shards'}" in capsys.readouterr().err
+
+
+def test_top_level_help_does_not_import_torch():
+    """`speakerid --help` and a mistyped command answer at once: no command module (nor torch) is imported."""
+    code = ("import sys\nfrom speakerid.cli import run\nfor argv in (['--help'], ['trian']):\n"
+            "    try:\n        run(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('speakerid.cli.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "['speakerid.cli.help']"
