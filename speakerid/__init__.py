@@ -1,7 +1,8 @@
 """speakerid: train speaker-recognition networks on VoxCeleb-scale data from WebDataset shards, and evaluate them.
 
-The library behind three front doors run from the checkout: ``python -m shardify`` (audio → tar shards),
-``accelerate launch train`` (shards → checkpoint) and ``python -m evaluate`` (checkpoint → EER/minDCF).
+The library behind one installed command, ``speakerid``, whose subcommands are the jobs (``cli``): ``speakerid shardify``
+(audio → tar shards), ``speakerid train`` (shards → checkpoint) and ``speakerid evaluate`` (checkpoint → EER/minDCF);
+from the checkout also ``python -m shardify|train|evaluate``.
 Importing it never needs torchaudio (its PyPI wheels are CUDA builds that fail next to a CPU-only torch).
 
 Where each idea lives, in the order data flows: ``data`` (audio lists → shards → shard I/O → reader stages → N×M

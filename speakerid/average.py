@@ -1,8 +1,5 @@
-"""python -m speakerid.average: average the model weights of a run's last checkpoints into an inference checkpoint.
-
-    python -m speakerid.average RUN_DIR --last 3 --out RUN_DIR/averaged
-    python -m speakerid.average RUN_DIR --checkpoints step-00012000 step-00013000 --out DIR
-    python -m evaluate --checkpoint RUN_DIR/averaged --trials … --audio …
+"""speakerid average (also python -m speakerid.average): average the model weights of a run's last checkpoints into
+an inference checkpoint.
 
 Parsing and printing only: the work is done by speakerid.training.average.
 """
@@ -14,13 +11,22 @@ import argparse
 from rich.console import Console
 from rich.markup import escape
 
+from speakerid.cli.help import parser as help_parser
 from speakerid.errors import SpeakeridError
 
 console = Console(stderr=True, soft_wrap=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m speakerid.average", description=__doc__.split("\n\n")[0])
+PROG = "python -m speakerid.average"
+DESCRIPTION = "Average the model weights of a run's last checkpoints into an inference checkpoint."
+EXAMPLES = """\
+  {prog} RUN_DIR --last 3 --out RUN_DIR/averaged
+  {prog} RUN_DIR --checkpoints step-00012000 step-00013000 --out DIR
+  speakerid evaluate --checkpoint RUN_DIR/averaged --trials … --audio …     (then evaluate it)"""
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = help_parser(prog, DESCRIPTION, EXAMPLES)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the training run directory (train.run_dir)")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--last", type=int, metavar="K",
@@ -31,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         from speakerid.training.average import average_checkpoints
 
@@ -40,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     except SpeakeridError as error:
         console.print(f"[red]error:[/] {escape(str(error))}", highlight=False)
         return 2
+    evaluate = "speakerid evaluate" if prog.startswith("speakerid") else "python -m evaluate"
     for checkpoint, step, epoch in zip(result.checkpoints, result.steps, result.epochs):
         console.print(escape(f"  {checkpoint}  (epoch {epoch}, step {step})"), highlight=False)
     console.print(escape(f"averaged {len(result.checkpoints)} checkpoint(s) → {result.path}; evaluate it with "
-                         f"python -m evaluate --checkpoint {result.path} …"), highlight=False)
+                         f"{evaluate} --checkpoint {result.path} …"), highlight=False)
     return 0
 
 
