@@ -259,7 +259,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Defaults ← YAML file ← overrides, in that order; every key checked."""
     config = Config()
     if path is not None:
-        path = Path(path)
+        path = recipe_path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
@@ -272,6 +272,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         key, value = parse_override(text)
         _set(config, key, value, "command line")
     return config
+
+
+RECIPES = Path(__file__).resolve().parent / "recipes"  # the published recipes, installed with the package
+
+
+def recipe_path(path: str | Path) -> Path:
+    """A YAML file, or the name of a recipe installed with speakerid (``resnet34_aamsoftmax`` or
+    ``resnet34_aamsoftmax.yaml``; the checkout's ``configs/`` is the same folder), as a path."""
+    path = Path(path)
+    if path.exists() or len(path.parts) > 1:
+        return path
+    recipe = RECIPES / (path.name if path.suffix == ".yaml" else path.name + ".yaml")
+    if recipe.is_file():
+        return recipe
+    names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+    raise SpeakeridError(f"{path}: no such config file, and not the name of an installed recipe ({names})")
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -26,7 +26,7 @@ from speakerid.data.pack import pack
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.synthetic import CorpusSpec, generate_corpus
 
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+RECIPE = Path(__file__).resolve().parent / "recipes" / "demo.yaml"  # the checkout's configs/demo.yaml
 DEMO_CORPUS = CorpusSpec(n_speakers=200, utts_per_speaker=10, n_test_speakers=20)  # 1,800 held-out trials
 
 

@@ -214,7 +214,8 @@ def test_the_installed_command_runs_the_job_chain_outside_the_checkout(installed
     assert wrong.returncode == 2 and "unknown command 'evalute'" in wrong.stderr and "evaluate" in wrong.stderr
 
     assert (installed_shards / "index.json").is_file()  # speakerid shardify pack
-    trained = _run(["speakerid", "train", *_train_keys(installed_shards, work / "run")], env, work)
+    # a recipe by name: the published recipes are installed with the package (no checkout here)
+    trained = _run(["speakerid", "train", "--config", "demo", *_train_keys(installed_shards, work / "run")], env, work)
     assert "done: epoch 1" in trained.stderr
     evaluated = _run(["speakerid", "evaluate", "--checkpoint", work / "run", "--trials", corpus.trials,
                       "--audio", corpus.root, "--out", work / "eval", "--workers", "0"], env, work)

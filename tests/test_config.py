@@ -87,3 +87,18 @@ def test_docs_option_reference_is_the_generated_one():
     page = (Path(__file__).parents[1] / "docs" / "options.md").read_text()
     block = page.split("<!-- options:begin -->\n", 1)[1].split("\n<!-- options:end -->", 1)[0]
     assert block == option_reference().rstrip("\n"), "docs/options.md is stale: python -m speakerid.config > the block"
+
+
+def test_a_recipe_is_found_by_name_wherever_the_command_runs(tmp_path, monkeypatch):
+    """The recipes are package data: `--config resnet34_aamsoftmax` works outside the checkout; a wrong name lists them."""
+    from speakerid.config import RECIPES, recipe_path
+
+    monkeypatch.chdir(tmp_path)
+    assert recipe_path("resnet34_aamsoftmax") == recipe_path("resnet34_aamsoftmax.yaml") == RECIPES / "resnet34_aamsoftmax.yaml"
+    assert load_config("demo").loss.name == "mp_balance"
+    (tmp_path / "demo.yaml").write_text("loss: {name: softmax}\n")  # a file of that name here wins
+    assert load_config("demo.yaml").loss.name == "softmax"
+    with pytest.raises(SpeakeridError, match=r"resnet43: no such config file.*resnet34_aamsoftmax"):
+        load_config("resnet43")
+    with pytest.raises(SpeakeridError, match="cannot read the config"):
+        load_config("elsewhere/resnet34_aamsoftmax.yaml")  # a path is never looked up among the recipes

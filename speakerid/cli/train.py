@@ -34,7 +34,8 @@ EXAMPLES = """\
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = help_parser(prog, DESCRIPTION, EXAMPLES)
-    parser.add_argument("--config", help="YAML recipe (configs/*.yaml); without it, the defaults of speakerid options")
+    parser.add_argument("--config", help="YAML recipe: a file, or the name of an installed recipe (resnet34_aamsoftmax; the checkout's "
+                        "configs/ holds the same files); without it, the defaults of speakerid options")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides, e.g. optim.lr=0.01 batch_size=100 (all: speakerid options)")
     parser.add_argument("--force", action="store_true", help="resume a run directory whose config differs")
