@@ -95,7 +95,7 @@ def _find_calibration(path: Path, loaded: LoadedModel, given: str | os.PathLike 
     if given is not None:
         if not Path(given).is_file():
             raise SpeakeridError(f"calibration={str(given)!r}: no such file; give the calibration.json written by "
-                                 "python -m evaluate --calibration-trials")
+                                 "speakerid evaluate --calibration-trials")
         return Path(given)
     if not loaded.source.is_dir():
         return None
@@ -266,7 +266,7 @@ class SpeakerModel:
         if self.calibration is None:
             raise SpeakeridError(
                 f"{self.loaded.source}: no calibration to decide with. Give verify(a, b, threshold=…) (a cosine "
-                "score), or fit one: python -m evaluate --checkpoint … --trials … --audio … --calibration-trials "
+                "score), or fit one: speakerid evaluate --checkpoint … --trials … --audio … --calibration-trials "
                 f"CAL.txt --calibration-audio TRAIN_SHARDS writes OUT/{CALIBRATION_NAME}; copy it into the "
                 f"checkpoint directory or pass load_model(…, calibration='OUT/{CALIBRATION_NAME}')")
         self.calibration.check_scoring(self._scoring(), self.calibration_path)

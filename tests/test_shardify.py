@@ -446,7 +446,7 @@ def test_out_naming_a_file_and_a_damaged_index_or_plan_each_get_one_message(shar
     (out / "index.json").write_bytes((out / "index.json").read_bytes()[:100])
     result = shardify("verify", out, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"{out / 'index.json'}: cannot read it" in result.stderr and f"python -m shardify merge {out}" in result.stderr
+    assert f"{out / 'index.json'}: cannot read it" in result.stderr and f"speakerid shardify merge {out}" in result.stderr
     shardify("merge", out)  # the fix the message gives
     assert load_index(out) == whole
     shardify("verify", out)

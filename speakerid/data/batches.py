@@ -143,7 +143,7 @@ class TrainStream:
             f"({shown}) without getting one batch ({self.faults.damaged_shards} shard read(s) failed or were "
             f"damaged, {self.faults.corrupt_members} corrupt member(s) so far"
             + (f"; the last failure: {last_failure}" if last_failure else "") + "): check that the shards can be "
-            "read (`python -m shardify verify`, the server or pipe: command)"
+            "read (`speakerid shardify verify`, the server or pipe: command)"
         )
 
 

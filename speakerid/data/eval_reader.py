@@ -159,11 +159,11 @@ class EvalUtterances(torch.utils.data.IterableDataset):
                     audio, _ = decode(sample[encoding])
                 except (KeyError, ValueError, RuntimeError) as error:
                     raise SpeakeridError(f"{url}: member {key} cannot be decoded ({error}); "
-                                         "run `python -m shardify verify` on the eval shards") from error
+                                         "run `speakerid shardify verify` on the eval shards") from error
                 yield key, audio
             if faults.damaged_shards or faults.corrupt_members:
                 raise SpeakeridError(f"{url}: damaged eval shard ({faults.as_dict()}); evaluation needs every "
-                                     "utterance: run `python -m shardify verify` and re-pack it")
+                                     "utterance: run `speakerid shardify verify` and re-pack it")
 
 
 def eval_loader(source: ShardSet | AudioTree, config: EvalConfig = EvalConfig(), *, keys: set[str] | None = None,
@@ -235,7 +235,7 @@ class AudioSource:
             shown = listed([f"{rel}  (named at {where})" for rel, where in missing])
             raise SpeakeridError(
                 f"{len(missing)} of {len(wanted)} utterances are not in {self.location}:\n{shown}\n"
-                "Point --audio at the folder (or eval shards) that holds them, pack them with `python -m shardify "
+                "Point --audio at the folder (or eval shards) that holds them, pack them with `speakerid shardify "
                 "pack --kind eval --trials …`, or remove those trials from the list")
 
     def loader(self, relpaths: dict[str, str], config: EvalConfig, *, rank: int = 0, world_size: int = 1,

@@ -104,11 +104,11 @@ def load_index(shard_dir: str | Path) -> dict:
         unfinished = (shard_dir / STATE_DIR / "plan.json").exists()
         hint = (
             "packing has not finished (or its parts were not merged): re-run the same `shardify pack` "
-            "command to resume, or `python -m shardify merge` after all parts"
+            "command to resume, or `speakerid shardify merge` after all parts"
             if unfinished else "it is not a shard directory written by shardify"
         )
         raise SpeakeridError(f"{path}: no index; {hint}")
-    fix = ("`python -m shardify merge " + str(shard_dir) + "` rebuilds it from " + str(shard_dir / STATE_DIR)
+    fix = ("`speakerid shardify merge " + str(shard_dir) + "` rebuilds it from " + str(shard_dir / STATE_DIR)
            if (shard_dir / STATE_DIR / "plan.json").exists() else "re-pack the shards")
     index = read_json(path, f"the index is damaged (truncated?); {fix}")
     if index.get("format") != FORMAT or index.get("version") != VERSION:

@@ -91,7 +91,7 @@ class ShardSet:
             if path.stat().st_size != entry["bytes"]:
                 raise SpeakeridError(
                     f"{path}: {path.stat().st_size} bytes, the index says {entry['bytes']}: the index does not match "
-                    "the shards (run `python -m shardify verify` and re-pack what it reports)"
+                    "the shards (run `speakerid shardify verify` and re-pack what it reports)"
                 )
 
     @property

@@ -60,7 +60,7 @@ class CalibrationConfig:
             raise SpeakeridError(f"--quality {unknown[0]!r}: choose from {', '.join(QUALITY_MEASURES)}")
         if self.calibration_trials and not self.calibration_audio:
             raise SpeakeridError("--calibration-trials needs --calibration-audio: the training shards the list was "
-                                 "drawn from (python -m shardify calibration-trials)")
+                                 "drawn from (speakerid shardify calibration-trials)")
         if (self.quality or self.calibration_audio) and not self.calibration_trials:
             raise SpeakeridError("--quality and --calibration-audio calibrate scores: give --calibration-trials LIST")
         if not 0 < self.calibration_prior < 1:
@@ -171,7 +171,7 @@ class Calibration:
             raise SpeakeridError(f"{path}: cannot read the calibration ({error})") from error
         if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
             raise SpeakeridError(f"{path}: not a speakerid calibration file (written as calibration.json by "
-                                 "python -m evaluate --calibration-trials)")
+                                 "speakerid evaluate --calibration-trials)")
         try:
             data["features"], data["weights"] = tuple(data["features"]), tuple(data["weights"])
             return cls(**data)

@@ -150,7 +150,7 @@ def shard_items(location: str, keys: dict[str, str], config: ExtractConfig,
                 try:
                     audio = decode(sample[shards.encoding])[0]
                 except (KeyError, ValueError, RuntimeError) as error:
-                    raise SpeakeridError(f"{url}: member {key} cannot be decoded ({error}); run `python -m shardify "
+                    raise SpeakeridError(f"{url}: member {key} cannot be decoded ({error}); run `speakerid shardify "
                                          "verify` on the shards") from error
                 yield key, prepare_item(f"{location}: {key}", audio, config), len(audio)
             found += 1
@@ -160,7 +160,7 @@ def shard_items(location: str, keys: dict[str, str], config: ExtractConfig,
         missing = sorted(wanted)
         raise SpeakeridError(f"{len(missing)} utterance(s) of the calibration trials are not in {location}, e.g. "
                              f"{missing[0]} (named at {keys[missing[0]]}): draw the list from these shards "
-                             "(python -m shardify calibration-trials)")
+                             "(speakerid shardify calibration-trials)")
 
 
 @dataclass
