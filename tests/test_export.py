@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import onnxruntime
 import pytest
+import soundfile
 import torch
 from torch import Tensor, nn
 
@@ -58,13 +59,27 @@ def unit(x: Tensor | np.ndarray) -> Tensor:
     return torch.nn.functional.normalize(torch.as_tensor(x, dtype=torch.float32), dim=-1)
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name → (checkpoint, export directory, result): each tiny model exported once for the tests below."""
+    done = {}
+
+    def export(name: str):
+        if name not in done:
+            root = tmp_path_factory.mktemp(name)
+            checkpoint = save_checkpoint(root / "ckpt", name, TINY[name])
+            done[name] = checkpoint, root / "out", export_checkpoint(checkpoint, root / "out", seconds=CHECK_SECONDS)
+        return done[name]
+
+    return export
+
+
 @pytest.mark.parametrize("name", list(TINY))
-def test_export_gives_pytorch_embeddings_at_other_lengths(name, tmp_path):
-    checkpoint = save_checkpoint(tmp_path / "ckpt", name, TINY[name])
-    result = export_checkpoint(checkpoint, tmp_path / "out", seconds=CHECK_SECONDS)
+def test_export_gives_pytorch_embeddings_at_other_lengths(name, exported):
+    checkpoint, out, result = exported(name)
     reference_model = load_inference_checkpoint(checkpoint).model
-    scripted = torch.jit.load(str(tmp_path / "out" / "model.ts"))
-    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    scripted = torch.jit.load(str(out / "model.ts"))
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["waveform"]
     assert [o.name for o in session.get_outputs()] == ["embedding"]
     generator = torch.Generator().manual_seed(5)
@@ -78,7 +93,7 @@ def test_export_gives_pytorch_embeddings_at_other_lengths(name, tmp_path):
         assert expected.shape == (3, 32)
         assert (from_ts - expected).abs().max() <= 1e-4, (name, samples)
         assert (from_onnx - expected).abs().max() <= 1e-4, (name, samples)
-    meta = json.loads((tmp_path / "out" / "export.json").read_text())
+    meta = json.loads((out / "export.json").read_text())
     assert meta["sample_rate"] == 16000 and meta["embedding_dim"] == 32
     assert meta["input"]["name"] == "waveform" and meta["output"]["name"] == "embedding"
     assert meta["opset"] == 18 and meta["source"]["model"] == name
@@ -86,7 +101,27 @@ def test_export_gives_pytorch_embeddings_at_other_lengths(name, tmp_path):
     assert set(meta["tolerance"]["measured"]) == {"torchscript", "onnx"}
     assert max(meta["tolerance"]["measured"].values()) <= meta["tolerance"]["bound"] == 1e-4
     assert [row["seconds"] for row in meta["verification"]] == list(CHECK_SECONDS)
-    assert result.files == {"torchscript": tmp_path / "out" / "model.ts", "onnx": tmp_path / "out" / "model.onnx"}
+    assert result.files == {"torchscript": out / "model.ts", "onnx": out / "model.onnx"}
+
+
+def test_the_docs_onnxruntime_example_runs(exported, tmp_path, monkeypatch):
+    """docs/export.md's Python example, run as written on a real export and two wav files."""
+    _, out, _ = exported("ResNetSE34L")
+    text = (REPO / "docs" / "export.md").read_text()
+    example = text.split("```python\n")[1].split("```")[0]
+    (tmp_path / "portable").symlink_to(out)
+    generator = np.random.default_rng(3)
+    for name in ("a.wav", "b.wav"):
+        soundfile.write(tmp_path / name, (0.1 * generator.standard_normal(24_000)).astype(np.float32), 16_000)
+    monkeypatch.chdir(tmp_path)  # the example's paths are relative
+    namespace: dict = {}
+    exec(compile(example, "docs/export.md", "exec"), namespace, namespace)  # noqa: S102 (our own docs)
+    assert -1.0 <= namespace["score"] <= 1.0 and namespace["a"].shape == (32,)
+    reference = load_inference_checkpoint(exported("ResNetSE34L")[0]).model
+    audio, _ = soundfile.read(tmp_path / "a.wav", dtype="float32")
+    with torch.no_grad():
+        expected = unit(reference(torch.from_numpy(audio)[None]))[0]
+    assert (unit(namespace["a"]) - expected).abs().max() <= 1e-4
 
 
 def test_command_line_exports_one_format_and_prints_the_table(tmp_path):
