@@ -196,7 +196,8 @@ def checks_table(checks: list[LengthCheck], formats: list[str], tolerance: float
         table.add_column(fmt, justify="right")
     for check in checks:
         if check.skipped:
-            table.add_row(f"{check.seconds:g} s", str(check.samples), *([escape(check.skipped)] + [""] * (len(formats) - 1)))
+            skipped = [escape(check.skipped)] + [""] * (len(formats) - 1)
+            table.add_row(f"{check.seconds:g} s", str(check.samples), *skipped)
             continue
         cells = []
         for fmt in formats:
@@ -230,28 +231,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, formats: tuple
     example = _noise(2, round(TRACE_SECONDS * sample_rate), seed=0)
     min_samples = _min_samples(network, sample_rate)
     files = {fmt: out / FILES[fmt] for fmt in formats}
-    if "torchscript" in files:
-        export_torchscript(network, name, example, files["torchscript"])
-    if "onnx" in files:
-        export_onnx(network, name, example, files["onnx"], opset, min_samples)
-    checks = verify(network, files, sample_rate, seconds)
-    if console is not None:
-        console.print(checks_table(checks, list(formats), tolerance))
-    measured = [c for c in checks if not c.skipped]
-    if not measured:
-        raise SpeakeridError(f"model {name}: none of the verification lengths {seconds} s runs in PyTorch; "
-                             "give longer ones")
-    worst = {fmt: max(c.differences[fmt] for c in measured) for fmt in formats}
-    failed = {fmt: value for fmt, value in worst.items() if not value <= tolerance}
-    if failed:
+    (out / META_NAME).unlink(missing_ok=True)  # it described the files about to be replaced
+    try:
+        checks, worst = _write_and_verify(network, name, files, example, opset, min_samples, sample_rate, seconds,
+                                          tolerance, console)
+    except SpeakeridError:
         for path in files.values():
-            path.unlink(missing_ok=True)  # a file that does not match its model must not be used
-        detail = ", ".join(f"{fmt} {value:.2e}" for fmt, value in failed.items())
-        raise SpeakeridError(
-            f"model {name}: the export differs from PyTorch by more than the tolerance {tolerance:g} ({detail}; "
-            "table above); the files were removed. The usual cause is a forward that depends on the input length "
-            "in Python (a trace keeps the traced length's branch); rewrite it with tensor operations. --tolerance "
-            "raises the bound if the difference is numerical")
+            path.unlink(missing_ok=True)  # a half-written export, or one that does not match its model, is not used
+        raise
     meta = {
         "format": "speakerid-export", "version": 1,
         "files": {fmt: FILES[fmt] for fmt in formats},
@@ -277,6 +264,33 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, formats: tuple
     return ExportResult(out, files, checks, meta)
 
 
+def _write_and_verify(network: nn.Module, name: str, files: dict[str, Path], example: Tensor, opset: int,
+                      min_samples: int, sample_rate: int, seconds: tuple[float, ...], tolerance: float,
+                      console: Console | None) -> tuple[list[LengthCheck], dict[str, float]]:
+    """Write each file, run it at every length, print the table; SpeakeridError when a difference is too large."""
+    if "torchscript" in files:
+        export_torchscript(network, name, example, files["torchscript"])
+    if "onnx" in files:
+        export_onnx(network, name, example, files["onnx"], opset, min_samples)
+    checks = verify(network, files, sample_rate, seconds)
+    if console is not None:
+        console.print(checks_table(checks, list(files), tolerance))
+    measured = [c for c in checks if not c.skipped]
+    if not measured:
+        raise SpeakeridError(f"model {name}: none of the verification lengths {seconds} s runs in PyTorch; "
+                             "give longer ones")
+    worst = {fmt: max(c.differences[fmt] for c in measured) for fmt in files}
+    failed = {fmt: value for fmt, value in worst.items() if not value <= tolerance}
+    if failed:
+        detail = ", ".join(f"{fmt} {value:.2e}" for fmt, value in failed.items())
+        raise SpeakeridError(
+            f"model {name}: the export differs from PyTorch by more than the tolerance {tolerance:g} ({detail}; "
+            "table above); the files were removed. The usual cause is a forward that depends on the input length "
+            "in Python (a trace keeps the traced length's branch); rewrite it with tensor operations. --tolerance "
+            "raises the bound if the difference is numerical")
+    return checks, worst
+
+
 def _embedding_dim(network: nn.Module, sample_rate: int) -> int:
     with torch.no_grad():
         return int(network(_noise(1, sample_rate, seed=0)).shape[-1])
@@ -289,7 +303,8 @@ def _min_samples(network: nn.Module, sample_rate: int) -> int:
     while high - low > step:
         middle = (low + high) // 2
         try:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. var() over one frame: only whether it runs matters here
                 network(_noise(1, middle, seed=0))
             high = middle
         except (RuntimeError, SpeakeridError):
