@@ -190,6 +190,8 @@ def test_python_control_flow_is_refused_naming_the_model(registered, tmp_path, n
 
 def test_an_export_that_differs_fails_verification_and_leaves_no_file(registered, tmp_path, capsys):
     checkpoint = save_checkpoint(tmp_path / "ckpt", "NoisyOutput", {"n_out": 8})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "export.json").write_text("{}")  # an earlier export's: it no longer describes the files
     assert main([str(checkpoint), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "max |Δ|" in err and "tolerance 0.0001" in err  # the table is printed before the refusal
