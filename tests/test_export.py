@@ -6,6 +6,7 @@ PyTorch model on lengths and a batch size different from the traced example (2 s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -198,6 +199,21 @@ def test_an_export_that_differs_fails_verification_and_leaves_no_file(registered
     assert "error: model NoisyOutput: the export differs from PyTorch by more than the tolerance 0.0001 " in err
     assert "torchscript" in err.split("error:")[1] and "onnx" in err.split("error:")[1]
     assert "files were removed" in err and list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_voxceleb_trainer_model_file_exports_with_its_options(tmp_path, capsys):
+    torch.manual_seed(1)
+    model = build_model("ResNetSE34L", nOut=32, encoder_type="ASP").eval()
+    torch.save({f"__S__.{k}": v for k, v in model.state_dict().items()}, tmp_path / "baseline.model")
+    argv = [str(tmp_path / "baseline.model"), "--model", "ResNetSE34L", "--loss", "angleproto", "--option", "nOut=32",
+            "--option", "encoder_type=ASP", "--format", "torchscript", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert meta["source"]["options"] == {"n_out": 32, "encoder_type": "ASP"} and meta["embedding_dim"] == 32
+    assert meta["source"]["sha256"] == hashlib.sha256((tmp_path / "baseline.model").read_bytes()).hexdigest()
+    waveform = 0.1 * torch.randn(1, 30_000)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(tmp_path / "out" / "model.ts"))(waveform), model(waveform), atol=1e-5)
 
 
 def test_not_a_checkpoint(tmp_path, capsys):
