@@ -37,6 +37,7 @@ console = Console(stderr=True, soft_wrap=True)
 
 FORMATS = ("torchscript", "onnx")
 FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+EXPORTERS = {"torchscript": "torch.jit.trace", "onnx": "torch.onnx.export(dynamo=True)"}
 META_NAME = "export.json"
 INPUT_NAME, OUTPUT_NAME = "waveform", "embedding"
 DEFAULT_OPSET = 18  # the dynamo exporter's own opset; STFT and DFT are in ONNX since opset 17
@@ -249,7 +250,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, formats: tuple
         "output": {"name": OUTPUT_NAME, "shape": ["batch", "embedding_dim"], "dtype": "float32",
                    "normalize_before_scoring": loaded.test_normalize},
         "opset": opset if "onnx" in formats else None,
-        "exporters": {"torchscript": "torch.jit.trace", "onnx": "torch.onnx.export(dynamo=True)"},
+        "exporters": {fmt: EXPORTERS[fmt] for fmt in formats},
         "torch_version": torch.__version__,
         "source": {"path": str(loaded.source), "sha256": _sha256(weights), "model": name,
                    "options": loaded.meta["model"].get("options", {}), "loss": loaded.meta["loss"].get("name")},

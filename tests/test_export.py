@@ -132,6 +132,7 @@ def test_command_line_exports_one_format_and_prints_the_table(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["export.json", "model.ts"]
     meta = json.loads((tmp_path / "out" / "export.json").read_text())
     assert meta["files"] == {"torchscript": "model.ts"} and meta["opset"] is None
+    assert meta["exporters"] == {"torchscript": "torch.jit.trace"}
     assert len(meta["verification"]) == 4
 
 
