@@ -25,13 +25,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from torch import Tensor, nn
 
 from speakerid.errors import SpeakeridError
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+# torch is imported inside the functions that use it: `speakerid export --help` stays instant
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -77,16 +81,19 @@ def _require_onnx() -> None:
 
 
 def _noise(batch: int, samples: int, seed: int) -> Tensor:
+    import torch
     generator = torch.Generator().manual_seed(seed)
     return 0.1 * torch.randn(batch, samples, generator=generator)  # speech-like level at full scale
 
 
 def _unit(embeddings: Tensor) -> Tensor:
+    import torch
     return torch.nn.functional.normalize(embeddings.to(torch.float32), dim=-1)
 
 
 def export_torchscript(model: nn.Module, name: str, example: Tensor, path: Path) -> None:
     """``torch.jit.trace`` → ``path``. Python control flow on tensor values is refused: a trace keeps one branch."""
+    import torch
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always", torch.jit.TracerWarning)
         try:
@@ -111,6 +118,7 @@ def export_torchscript(model: nn.Module, name: str, example: Tensor, path: Path)
 
 def export_onnx(model: nn.Module, name: str, example: Tensor, path: Path, opset: int, min_samples: int) -> None:
     """The dynamo exporter with dynamic batch and time axes → one self-contained ``path`` (weights inside)."""
+    import torch
     _require_onnx()
     batch, time = torch.export.Dim("batch", min=1), torch.export.Dim("time", min=min_samples)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +155,7 @@ def _first_line(message: object) -> str:
 
 def _runners(files: dict[str, Path]) -> dict[str, object]:
     """Each written file, loaded back the way a user would: torch.jit.load, onnxruntime.InferenceSession."""
+    import torch
     runners: dict[str, object] = {}
     if "torchscript" in files:
         module = torch.jit.load(str(files["torchscript"]), map_location="cpu")
@@ -162,6 +171,7 @@ def _runners(files: dict[str, Path]) -> dict[str, object]:
 def verify(model: nn.Module, files: dict[str, Path], sample_rate: int, seconds: tuple[float, ...],
            batch: int = 2) -> list[LengthCheck]:
     """Max abs difference of unit-norm embeddings, export vs PyTorch, on noise of each length."""
+    import torch
     runners = _runners(files)
     checks = []
     for i, length in enumerate(seconds):
@@ -215,6 +225,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, formats: tuple
                       loss: str | None = None, options: dict | None = None,
                       console: Console | None = None) -> ExportResult:
     """Export ``checkpoint`` (anything ``load_inference_checkpoint`` reads) to ``out``, verified; see the module doc."""
+    import torch
     from speakerid.inference import WEIGHTS_NAME, _sha256, load_inference_checkpoint
 
     unknown = [f for f in formats if f not in FORMATS]
@@ -293,12 +304,14 @@ def _write_and_verify(network: nn.Module, name: str, files: dict[str, Path], exa
 
 
 def _embedding_dim(network: nn.Module, sample_rate: int) -> int:
+    import torch
     with torch.no_grad():
         return int(network(_noise(1, sample_rate, seed=0)).shape[-1])
 
 
 def _min_samples(network: nn.Module, sample_rate: int) -> int:
     """The shortest input the PyTorch model embeds, to 10 ms (bisection; the dynamic axis's lower bound)."""
+    import torch
     step = sample_rate // 100
     low, high = 0, sample_rate  # every registered model embeds one second
     while high - low > step:

@@ -179,7 +179,7 @@ def registered(monkeypatch):
 @pytest.mark.parametrize("name, onnx_error", [
     ("ValueBranch", r"model ValueBranch cannot be exported to ONNX with a dynamic time axis: .*control flow"),
     ("LengthBranch", r"model LengthBranch: the export differs from PyTorch by more than the tolerance 0.0001 \(onnx"),
-])
+], ids=["ValueBranch", "LengthBranch"])
 def test_python_control_flow_is_refused_naming_the_model(registered, tmp_path, name, onnx_error):
     checkpoint = save_checkpoint(tmp_path / "ckpt", name, {"n_out": 8})
     with pytest.raises(SpeakeridError, match=rf"model {name} cannot be exported: .*control flow on tensor "
@@ -240,3 +240,10 @@ def test_missing_onnxruntime_names_the_extra(tmp_path):
     assert "needs the onnxruntime package" in result.stderr
     assert "pip install 'speakerid-toolkit[export]'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_front_door_imports_without_torch():
+    """`speakerid export --help` (K's command builds every parser) must not pay for importing torch."""
+    code = "import sys, speakerid.export as e; e.build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
