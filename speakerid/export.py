@@ -180,7 +180,7 @@ def verify(model: nn.Module, files: dict[str, Path], sample_rate: int, seconds: 
         try:
             with torch.no_grad():
                 reference = _unit(model(waveform))
-        except (RuntimeError, SpeakeridError) as error:  # too short for this architecture even in PyTorch
+        except (RuntimeError, ValueError, SpeakeridError) as error:  # too short for this architecture even in PyTorch
             check.skipped = f"PyTorch rejects it: {_first_line(error)}"
             checks.append(check)
             continue
@@ -310,7 +310,7 @@ def _embedding_dim(network: nn.Module, sample_rate: int) -> int:
 
 
 def _min_samples(network: nn.Module, sample_rate: int) -> int:
-    """The shortest input the PyTorch model embeds, to 10 ms (bisection; the dynamic axis's lower bound)."""
+    """The shortest input the PyTorch model embeds (finite output), to 10 ms: the dynamic axis's lower bound."""
     import torch
     step = sample_rate // 100
     low, high = 0, sample_rate  # every registered model embeds one second
@@ -318,11 +318,11 @@ def _min_samples(network: nn.Module, sample_rate: int) -> int:
         middle = (low + high) // 2
         try:
             with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # e.g. var() over one frame: only whether it runs matters here
-                network(_noise(1, middle, seed=0))
-            high = middle
-        except (RuntimeError, SpeakeridError):
-            low = middle
+                warnings.simplefilter("ignore")  # e.g. var() over one frame: the NaN it gives is checked below
+                embeds = bool(torch.isfinite(network(_noise(1, middle, seed=0))).all())
+        except (RuntimeError, ValueError, SpeakeridError):
+            embeds = False
+        low, high = (low, middle) if embeds else (middle, high)
     return high
 
 

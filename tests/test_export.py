@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from speakerid.errors import SpeakeridError
-from speakerid.export import TRACE_SECONDS, export_checkpoint, main
+from speakerid.export import TRACE_SECONDS, _min_samples, export_checkpoint, main
 from speakerid.inference import load_inference_checkpoint, save_inference_checkpoint
 from speakerid.models import MODELS, build_model
 from tests.conftest import REPO, run_module
@@ -215,6 +215,24 @@ def test_a_voxceleb_trainer_model_file_exports_with_its_options(tmp_path, capsys
     waveform = 0.1 * torch.randn(1, 30_000)
     with torch.no_grad():
         assert torch.allclose(torch.jit.load(str(tmp_path / "out" / "model.ts"))(waveform), model(waveform), atol=1e-5)
+
+
+def embeds(model: nn.Module, samples: int) -> bool:
+    try:
+        with torch.no_grad():
+            return bool(torch.isfinite(model(0.1 * torch.randn(1, samples))).all())
+    except (RuntimeError, ValueError, SpeakeridError):
+        return False
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.filterwarnings("ignore:var\\(\\)")
+def test_the_shortest_input_of_every_registered_model(name):
+    """The dynamic time axis's lower bound: PyTorch gives a finite embedding there, and none 10 ms shorter."""
+    model = build_model(name).eval()
+    shortest = _min_samples(model, 16_000)
+    assert 160 < shortest < 16_000
+    assert embeds(model, shortest) and not embeds(model, shortest - 160)
 
 
 def test_not_a_checkpoint(tmp_path, capsys):
