@@ -169,13 +169,18 @@ def _runners(files: dict[str, Path]) -> dict[str, object]:
 
 
 def verify(model: nn.Module, files: dict[str, Path], sample_rate: int, seconds: tuple[float, ...],
-           batch: int = 2) -> list[LengthCheck]:
-    """Max abs difference of unit-norm embeddings, export vs PyTorch, on noise of each length."""
+           shortest: int | None = None, batch: int = 2) -> list[LengthCheck]:
+    """Max abs difference of unit-norm embeddings, export vs PyTorch, on noise of each length.
+
+    ``shortest`` (samples), when given, is checked first: the dynamic axis's lower bound must work too.
+    """
     import torch
     runners = _runners(files)
     checks = []
-    for i, length in enumerate(seconds):
-        check = LengthCheck(length, round(length * sample_rate))
+    lengths = [round(length * sample_rate) for length in seconds]
+    for i, samples in enumerate(([shortest] if shortest else []) + lengths):
+        length = samples / sample_rate
+        check = LengthCheck(length, samples)
         waveform = _noise(batch, check.samples, seed=1000 + i)
         try:
             with torch.no_grad():
@@ -208,14 +213,14 @@ def checks_table(checks: list[LengthCheck], formats: list[str], tolerance: float
     for check in checks:
         if check.skipped:
             skipped = [escape(check.skipped)] + [""] * (len(formats) - 1)
-            table.add_row(f"{check.seconds:g} s", str(check.samples), *skipped)
+            table.add_row(f"{check.seconds:.3g} s", str(check.samples), *skipped)
             continue
         cells = []
         for fmt in formats:
             value = check.differences[fmt]
             colour = "green" if value <= tolerance else "red"
             cells.append(f"[{colour}]{value:.2e}[/]")
-        table.add_row(f"{check.seconds:g} s", str(check.samples), *cells)
+        table.add_row(f"{check.seconds:.3g} s", str(check.samples), *cells)
     return table
 
 
@@ -267,7 +272,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, formats: tuple
                    "options": loaded.meta["model"].get("options", {}), "loss": loaded.meta["loss"].get("name")},
         "tolerance": {"metric": "max abs difference of unit-norm embeddings vs PyTorch", "bound": tolerance,
                       "measured": worst},
-        "verification": [{"seconds": c.seconds, "samples": c.samples, **c.differences,
+        "verification": [{"seconds": round(c.seconds, 4), "samples": c.samples, **c.differences,
                           **({"skipped": c.skipped} if c.skipped else {})} for c in checks],
     }
     from speakerid.data.index import write_json_atomic
@@ -284,7 +289,7 @@ def _write_and_verify(network: nn.Module, name: str, files: dict[str, Path], exa
         export_torchscript(network, name, example, files["torchscript"])
     if "onnx" in files:
         export_onnx(network, name, example, files["onnx"], opset, min_samples)
-    checks = verify(network, files, sample_rate, seconds)
+    checks = verify(network, files, sample_rate, seconds, shortest=min_samples)
     if console is not None:
         console.print(checks_table(checks, list(files), tolerance))
     measured = [c for c in checks if not c.skipped]

@@ -101,7 +101,9 @@ def test_export_gives_pytorch_embeddings_at_other_lengths(name, exported):
     assert meta["source"]["sha256"] == load_inference_checkpoint(checkpoint).fingerprint
     assert set(meta["tolerance"]["measured"]) == {"torchscript", "onnx"}
     assert max(meta["tolerance"]["measured"].values()) <= meta["tolerance"]["bound"] == 1e-4
-    assert [row["seconds"] for row in meta["verification"]] == list(CHECK_SECONDS)
+    # the shortest input the time axis accepts first, then the export's lengths
+    assert [row["samples"] for row in meta["verification"]] == [meta["input"]["min_samples"], 8000, 20800, 48000]
+    assert all(set(row) == {"seconds", "samples", "torchscript", "onnx"} for row in meta["verification"])
     assert result.files == {"torchscript": out / "model.ts", "onnx": out / "model.onnx"}
 
 
@@ -133,7 +135,7 @@ def test_command_line_exports_one_format_and_prints_the_table(tmp_path):
     meta = json.loads((tmp_path / "out" / "export.json").read_text())
     assert meta["files"] == {"torchscript": "model.ts"} and meta["opset"] is None
     assert meta["exporters"] == {"torchscript": "torch.jit.trace"}
-    assert len(meta["verification"]) == 4
+    assert [row["samples"] for row in meta["verification"]] == [375, 8000, 20800, 48000, 113600]
 
 
 class ValueBranch(nn.Module):
