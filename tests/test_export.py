@@ -105,6 +105,7 @@ def test_export_gives_pytorch_embeddings_at_other_lengths(name, exported):
     assert [row["samples"] for row in meta["verification"]] == [meta["input"]["min_samples"], 8000, 20800, 48000]
     assert all(set(row) == {"seconds", "samples", "torchscript", "onnx"} for row in meta["verification"])
     assert result.files == {"torchscript": out / "model.ts", "onnx": out / "model.onnx"}
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx", "model.ts"]  # weights inside
 
 
 def test_the_docs_onnxruntime_example_runs(exported, tmp_path, monkeypatch):
