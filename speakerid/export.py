@@ -11,7 +11,7 @@ measured against the PyTorch model: every export is run on noise of several leng
 length traced) and refused when a unit-norm embedding differs by more than the tolerance.
 
 TorchScript is ``torch.jit.trace``: every registered model traces, while ``torch.jit.script`` refuses the
-front-ends' plain Python (``torch.finfo``, context managers).
+front-ends' plain Python (e.g. ``torch.finfo`` in the Kaldi fbank).
 ONNX uses the dynamo exporter (``torch.onnx.export(dynamo=True)``): the TorchScript-based exporter cannot
 export ``torch.stft`` with complex output, which the seeds' mel front-ends use.
 """
