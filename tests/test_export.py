@@ -251,7 +251,7 @@ def test_not_a_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_onnxruntime_names_the_extra(tmp_path):
+def test_missing_onnxruntime_names_the_extra_and_torchscript_needs_none(tmp_path):
     checkpoint = save_checkpoint(tmp_path / "ckpt", "ResNetSE34L", TINY["ResNetSE34L"])
     code = ("import sys; sys.modules['onnxruntime'] = None  # as if not installed\n"
             "from speakerid.export import main; sys.exit(main(sys.argv[1:]))")
@@ -261,6 +261,13 @@ def test_missing_onnxruntime_names_the_extra(tmp_path):
     assert "needs the onnxruntime package" in result.stderr
     assert "pip install 'speakerid-toolkit[export]'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+    # TorchScript alone needs none of the export extra
+    code = ("import sys; sys.modules.update(onnx=None, onnxscript=None, onnxruntime=None)\n"
+            "from speakerid.export import main; sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", code, str(checkpoint), "--out", str(tmp_path / "out"), "--format",
+                             "torchscript"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["export.json", "model.ts"]
 
 
 def test_the_front_door_imports_without_torch():
