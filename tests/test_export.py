@@ -238,6 +238,18 @@ def test_the_shortest_input_of_every_registered_model(name):
     assert embeds(model, shortest) and not embeds(model, shortest - 160)
 
 
+def test_a_training_run_directory_exports_its_inference_export(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model:\n  name: ResNetSE34L\n")  # what marks a run directory
+    assert main([str(run), "--format", "torchscript", "--out", str(tmp_path / "early")]) == 2
+    assert "training run directory without an inference export" in capsys.readouterr().err
+    save_checkpoint(run / "export", "ResNetSE34L", TINY["ResNetSE34L"])  # what training writes at each epoch end
+    assert main([str(run), "--format", "torchscript", "--out", str(tmp_path / "out")]) == 0
+    meta = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert meta["source"]["path"] == str(run / "export") and meta["source"]["model"] == "ResNetSE34L"
+
+
 def test_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
