@@ -213,7 +213,8 @@ class KaldiFbank(nn.Module):
                              persistent=False)
 
     def forward(self, waveform: Tensor) -> Tensor:
-        if waveform.shape[-1] < self.frame_length:
+        # not while tracing: a Python test on the length would be baked into the trace (speakerid.export)
+        if not torch.jit.is_tracing() and waveform.shape[-1] < self.frame_length:
             raise SpeakeridError(f"KaldiFbank needs at least {self.frame_length} samples, got {waveform.shape[-1]}")
         frames = (waveform * self.input_scale).unfold(-1, self.frame_length, self.frame_shift)  # (B, m, 400)
         frames = frames - frames.mean(dim=-1, keepdim=True)
