@@ -14,7 +14,8 @@ whose front door is ``average``: ``python -m speakerid.average``), ``inference``
 in, and the seeds' ``.model`` files), ``evaluation`` (extraction → scoring → calibration → report) with
 ``metrics`` (EER, minDCF, Cllr, DET), ``config`` and ``options`` (the typed run config), ``demo`` (``make demo``),
 ``errors``, ``tempfiles`` and ``runtime`` (small shared pieces), and ``api`` (the Python API:
-``speakerid.load_model(path)`` → embed, score, verify, score_trials; docs/python-api.md). docs/layout.md ("How the
+``speakerid.load_model(path)`` → embed, score, verify, score_trials; docs/python-api.md) and ``export`` (TorchScript and
+ONNX files; docs/export.md). docs/layout.md ("How the
 code is laid out") draws the same map.
 """
 

@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from speakerid.cli.help import parser as help_parser
 from speakerid.errors import SpeakeridError
 
 if TYPE_CHECKING:
@@ -332,18 +333,24 @@ def _min_samples(network: nn.Module, sample_rate: int) -> int:
     return high
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m speakerid.export", description=__doc__.split("\n\n")[0])
+PROG = "python -m speakerid.export"
+EXAMPLES = """\
+  {prog} runs/resnet34 --out runs/resnet34/portable
+  {prog} runs/resnet34 --out DIR --format onnx --opset 18
+  {prog} baseline_lite_ap.model --model ResNetSE34L --option nOut=512 --out DIR   (a voxceleb_trainer file)"""
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = help_parser(prog, __doc__.split("\n\n")[0].split(": ", 1)[1], EXAMPLES)
     parser.add_argument("checkpoint", metavar="CHECKPOINT",
                         help="a speakerid checkpoint directory, a training run directory, or a voxceleb_trainer "
                              ".model file (with --model)")
     parser.add_argument("--out", required=True, help="the directory to write model.ts, model.onnx and export.json in")
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), dest="formats",
-                        help="which files to write (default: both)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+                        help="which files to write")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help="largest accepted max abs difference of unit-norm embeddings vs PyTorch "
-                             f"(default {DEFAULT_TOLERANCE:g})")
+                        help="largest accepted max abs difference of unit-norm embeddings vs PyTorch")
     parser.add_argument("--model", help="architecture of a voxceleb_trainer .model file (e.g. ResNetSE34L)")
     parser.add_argument("--loss", help="loss of a voxceleb_trainer .model file (sets whether to normalise)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -363,8 +370,8 @@ def _parse_options(pairs: list[str]) -> dict:
     return options
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         result = export_checkpoint(args.checkpoint, args.out, formats=tuple(args.formats), opset=args.opset,
                                    tolerance=args.tolerance, model=args.model, loss=args.loss,
