@@ -250,7 +250,7 @@ def main() -> None:
     console.print(table)
     failed = [s.name for s in sections if s.result["status"] == "failed"]
     ended = datetime.datetime.now().astimezone()
-    report = {"command": "bash benchmarks/gpu_check.sh " + shlex.join(sys.argv[1:]), "date": started.isoformat(
+    report = {"command": "python benchmarks/gpu_check.py " + shlex.join(sys.argv[1:]), "date": started.isoformat(
               timespec="seconds"), "seconds": (ended - started).total_seconds(), "environment": env,
               "load_average_end": os.getloadavg()[0], "tiny": args.tiny, "total_budget_s": total, "failed": failed,
               "sections": {s.name: s.result for s in sections}}
