@@ -8,7 +8,8 @@ Each section runs as its own process (its output appended to OUT/gpu_check.log) 
 and all of them under ``--total-budget`` (GPU 450 s: with gpu_check.sh's set-up, under 8 minutes on one H100/H200);
 a section that fails, crashes or runs out of time is a FAILED row with its error, and the rest still run. The
 corpora are generated (speakerid.data.synthetic) and packed (speakerid's shardify) in a temporary folder, removed
-at the end. Sizes on the GPU (``--tiny``: a few utterances each, on any device):
+at the end. Sizes on the GPU (``--tiny``: a few utterances each, on any device; ResNetSE34L with augmentation
+only and ECAPA without, so that each path runs once):
 
 - ``train_resnetse34l_bf16`` (budget 130 s, pays for the corpus): benchmarks/train_throughput.py, ResNetSE34L +
   angleproto, N = 200 × M = 2 crops of 2 s, 16 loader workers, 20 timed steps after 5, augmentation on and off;
@@ -38,6 +39,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import subprocess
@@ -128,7 +130,8 @@ def plan(device: str, tiny: bool, scratch: Path) -> list[Section]:
     fp16_skip = ("skipped: fp16 + GradScaler training is the CUDA path (train_throughput runs fp32 on a CPU); the "
                  "losses section runs fp16 + GradScaler steps on the CPU")
     sections = [
-        Section("train_resnetse34l_bf16", budget(130), train + ["--mixed-precision", "bf16"], train_rows),
+        Section("train_resnetse34l_bf16", budget(130), train + ["--mixed-precision", "bf16"]
+                + (["--augment"] if tiny else []), train_rows),
         Section("train_resnetse34l_fp16", budget(70), train + ["--mixed-precision", "fp16"], train_rows),
         Section("train_ecapa_c1024_aam_bf16", budget(90), train + ["--mixed-precision", "bf16", "--model",
                 "ECAPA_TDNN_C1024", "--loss", "aamsoftmax"] + (["--no-augment"] if tiny else []), train_rows),
@@ -227,9 +230,11 @@ def main() -> None:
     try:
         with open(args.out / "gpu_check.log", "w") as log:
             for i, section in enumerate(sections, 1):
-                t = time.perf_counter()
+                t, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
                 section.result = run_section(section, deadline - time.monotonic(), scratch, log)
                 section.result["seconds"] = time.perf_counter() - t
+                now = resource.getrusage(resource.RUSAGE_CHILDREN)  # its processes' CPU time (waited-for ones)
+                section.result["cpu_s"] = now.ru_utime + now.ru_stime - cpu.ru_utime - cpu.ru_stime
                 section.result["budget_s"] = section.budget_s
                 console.print(f"[{i}/{len(sections)}] {section.name}: {section.result['status']} "
                               f"({section.result['seconds']:.0f} s of {section.budget_s:.0f})")
