@@ -81,8 +81,7 @@ MODEL_PRESETS = {
     "ResNetSE34L": ("ResNetSE34L", {"n_out": 512, "encoder_type": "SAP"}),
     "ECAPA_TDNN_C1024": ("ECAPA_TDNN", {"channels": 1024, "n_mels": 80, "n_out": 192}),
 }
-# --loss → options beyond the loss's defaults: the recipes' (configs/ecapa_aamsoftmax.yaml: m 0.2, s 30)
-LOSS_OPTIONS = {"aamsoftmax": {"margin": 0.2, "scale": 30.0}}
+LOSS_OPTIONS = {"aamsoftmax": {"margin": 0.2, "scale": 30.0}}  # --loss: the recipes' options (ecapa_aamsoftmax.yaml)
 
 
 # ---------------------------------------------------------------------------------- the baseline loop
