@@ -42,6 +42,7 @@ import platform
 import resource
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -161,10 +162,14 @@ def run_section(section: Section, seconds_left: float, scratch: Path, log) -> di
     timeout = min(section.budget_s, seconds_left)
     log.write(f"\n===== {section.name}: {shlex.join(command)} (timeout {timeout:.0f} s)\n")
     log.flush()
+    # its own process group, so that a section out of time is stopped with its loader and packing workers
+    done = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "160"})
     try:
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                              env=os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "160"})
+        done.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(done.pid, signal.SIGKILL)
+        done.wait()
         return {"status": "failed", "rows": [], "error": f"timed out after {timeout:.0f} s (its budget; see "
                                                          "gpu_check.log for how far it got)"}
     if done.returncode != 0 or not out.exists():
