@@ -222,7 +222,7 @@ def as_norm(embeddings, pairs, cohort, *, top_k: int = 300, scores=None, stats=N
 @dataclass(frozen=True)
 class ScoreConfig:
     cohort: str | None = None  # training shards (or an audio folder) whose embeddings form the cohort
-    cohort_speakers: int = 2000  # speakers taken from the cohort source (in reading order), at most
+    cohort_speakers: int = 2000  # speakers taken from the cohort source (cohort.plan_cohort), at most
     cohort_utts_per_speaker: int = 4  # utterances embedded per cohort speaker, at most
     mean_subtraction: bool = False  # subtract the cohort's mean embedding before scoring
     as_norm: bool = False  # adaptive s-norm against the per-speaker cohort means
