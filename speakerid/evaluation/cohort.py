@@ -177,7 +177,7 @@ def _in_reading_order(location: str, sample_rate: int, speakers: int, utts_per_s
 def _open_plan(scoring: ScoreConfig) -> tuple[ShardSet | None, CohortPlan | None]:
     if not names_shards(scoring.cohort):
         return None, None
-    shards = ShardSet.open(scoring.cohort)
+    shards = ShardSet.open(scoring.cohort, check=False)  # only the planned shards are read; a missing one is named then
     return shards, plan_cohort(shards.index, scoring.cohort_speakers, scoring.cohort_utts_per_speaker)
 
 
@@ -216,8 +216,8 @@ def cohort_embeddings(loaded: LoadedModel, scoring: ScoreConfig, config: Extract
     cached = read_cache(cache, settings)[0] if state.is_main_process else None
     if broadcast_object_list([cached is not None])[0]:
         return cached
-    local = embed_share(Embedder(loaded.model, state.device, config), _cohort_items(scoring, config, state, opened), state,
-                        progress, "cohort", None)
+    local = embed_share(Embedder(loaded.model, state.device, config), _cohort_items(scoring, config, state, opened),
+                        state, progress, "cohort", None)
     gathered = gather_object([local])
     if not state.is_main_process:
         return None
