@@ -101,3 +101,20 @@ def test_an_index_without_shard_speakers_is_read_in_order(many_shards, tmp_path)
     first_three = list(dict.fromkeys(k.split("/")[0] for k in read_order))[:3]
     expected = [k for spk in first_three for k in [k for k in read_order if k.startswith(spk + "/")][:2]]
     assert sorted(k for k, _ in chosen) == sorted(expected)
+
+
+def test_a_shard_that_holds_less_than_its_index_says_is_named(many_shards, tmp_path, caplog):
+    changed = tmp_path / "changed"
+    shutil.copytree(many_shards, changed)
+    index = json.loads((changed / "index.json").read_text())
+    first = index["shards"][0]
+    label = next(iter(first["labels"]))
+    first["labels"][label] += 5  # the index claims five utterances more of this speaker than the shard holds
+    (changed / "index.json").write_text(json.dumps(index))
+    speaker = {v: k for k, v in index["speakers"].items()}[int(label)]
+    config = ScoreConfig(cohort=str(changed), cohort_speakers=12, cohort_utts_per_speaker=first["labels"][label])
+    with caplog.at_level("WARNING"):
+        chosen = selection(config)
+    assert speaker in {s for _, s in chosen}
+    assert f"{changed / first['name']} holds fewer utterances than index.json says of" in caplog.text
+    assert speaker in caplog.text and "shardify verify" in caplog.text

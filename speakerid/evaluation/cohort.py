@@ -151,6 +151,11 @@ def _planned_candidates(shards: ShardSet, plan: CohortPlan, rank: int, world: in
                 if not any(left.values()):
                     break
         samples.close()  # stops reading the tar here
+        short = {spk: n for spk, n in left.items() if n}
+        if short:
+            log.warning("cohort: %s holds fewer utterances than index.json says of %s (%d missing): the cohort is "
+                        "smaller; `speakerid shardify verify` checks the shards against their index", shards.urls[i],
+                        ", ".join(sorted(short)[:5]) + (" …" if len(short) > 5 else ""), sum(short.values()))
 
 
 def _in_reading_order(location: str, sample_rate: int, speakers: int, utts_per_speaker: int,
