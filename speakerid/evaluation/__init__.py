@@ -6,8 +6,8 @@ shards). ``extract.py`` embeds each utterance once across the processes (:class:
 grid, the length-batching :class:`Embedder`, :func:`extract`); ``embeddings.py`` holds :class:`Embeddings`,
 their file and the cache's check. ``cohort.py`` chooses the score-normalisation cohort from the shards' index
 (reading only the shards that hold it) and embeds it; ``scoring.py`` is the score arithmetic (cosine, the seeds'
-crop score, mean subtraction, AS-Norm) and :func:`score_trials` over whole lists. ``calibration.py`` maps scores (and quality measures) to log-likelihood ratios (:class:`Calibration`,
-:func:`fit_calibration`); ``calibration_trials.py`` draws a calibration list from training shards and reads its
+crop score, mean subtraction, AS-Norm) and :func:`score_trials` over whole lists. ``calibration.py`` maps scores
+(and quality measures) to log-likelihood ratios (:class:`Calibration`, :func:`fit_calibration`); ``calibration_trials.py`` draws a calibration list from training shards and reads its
 audio back. Metrics come from :mod:`speakerid.metrics`. ``report.py`` writes score files and the DET plot and holds
 the reports; ``jobs.py`` is the two jobs, :func:`evaluate` and :func:`embed`, and :func:`run_command`, the
 command line's choice between them.
