@@ -204,3 +204,26 @@ def test_as_norm_statistics_once_for_all_lists(monkeypatch):
     for rows, scores in zip((o_rows, e_rows), both):
         alone = as_norm(emb.values[:, 0], rows, means, top_k=5)
         np.testing.assert_allclose(scores, alone, rtol=0, atol=1e-6)
+
+
+def test_score_trials_names_each_utterance_once(monkeypatch):
+    """Trial lists name each utterance many times (E: 579,818 trials over 145,375): its key is made once."""
+    from pathlib import Path
+
+    from speakerid.data.lists import Trial
+    from speakerid.evaluation import scoring
+    from speakerid.evaluation.embeddings import Embeddings
+    from speakerid.evaluation.scoring import score_trials
+    from speakerid.evaluation.trials import TrialList
+
+    keys = [f"id0000{i}/v/00001" for i in range(4)]
+    emb = Embeddings(keys, np.random.default_rng(2).normal(size=(4, 1, D)).astype(np.float32))
+    rows = [(a, b) for a in range(4) for b in range(4)]
+    lists = [TrialList(name, Path(name), [Trial(1, f"{keys[a]}.wav", f"{keys[b]}.wav", f"{name}:{i}")
+                                          for i, (a, b) in enumerate(rows)]) for name in ("O", "E")]
+    made = []
+    real = scoring.utterance_key
+    monkeypatch.setattr(scoring, "utterance_key", lambda relpath: made.append(relpath) or real(relpath))
+    scores = score_trials(emb, lists)
+    assert sorted(made) == sorted(f"{k}.wav" for k in keys)
+    np.testing.assert_allclose(scores[0], cosine_scores(emb.values[:, 0], rows), atol=0)

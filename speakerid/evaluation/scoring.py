@@ -282,8 +282,16 @@ def score_trials(embeddings: Embeddings, lists: list[TrialList], *, crops: bool 
         if not 2 <= scoring.top_k <= len(as_norm_cohort):
             raise SpeakeridError(f"--top-k {scoring.top_k}: the cohort has {len(as_norm_cohort)} speakers; choose "
                                  f"2 ≤ k ≤ {len(as_norm_cohort)} or raise --cohort-speakers")
-    all_pairs = [trial_indices([(utterance_key(t.enroll), utterance_key(t.test)) for t in trial_list.trials],
-                               embeddings.keys) for trial_list in lists]
+    key_of: dict[str, str] = {}  # relpath → key, once per utterance: the lists name each one many times
+
+    def key(relpath: str) -> str:
+        found = key_of.get(relpath)
+        if found is None:
+            found = key_of[relpath] = utterance_key(relpath)
+        return found
+
+    all_pairs = [trial_indices([(key(t.enroll), key(t.test)) for t in trial_list.trials], embeddings.keys)
+                 for trial_list in lists]
     stats = None
     if as_norm_cohort is not None:
         stats = _union_stats(values, all_pairs, as_norm_cohort, scoring.top_k)
