@@ -180,3 +180,24 @@ def test_shard_tar_writes_the_bytes_webdatasets_tar_writer_writes(tmp_path):
     written = (tmp_path / "t.tar").read_bytes()
     assert written == expected.getvalue()
     assert ours.bytes == len(written)
+
+
+def test_a_shard_is_handed_to_the_disk_while_it_is_written_and_stays_the_same(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    listed = _corpus(root, canonical_variants())
+    reference = _pack(listed, root, tmp_path / "whole", "wav")
+    handed: list[tuple[int, int]] = []
+    real = writer._start_writeback
+    if real is None:
+        pytest.skip("no sync_file_range here (not Linux): the shard's fsync does it all")
+
+    def spy(fd, offset, n, flags):
+        handed.append((offset, n))
+        return real(fd, offset, n, flags)
+
+    monkeypatch.setattr(writer, "_start_writeback", spy)
+    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 1)  # after every utterance
+    assert _pack(listed, root, tmp_path / "handed", "wav") == reference
+    assert len(handed) == len(canonical_variants())
+    assert handed[0][0] == 0 and all(n > 0 for _, n in handed)
+    assert all(b in (0, a + n) for (a, n), (b, _) in zip(handed, handed[1:]))  # contiguous, from 0 in each shard
