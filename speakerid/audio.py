@@ -221,6 +221,7 @@ def canonical_pcm(data: bytes, sample_rate: int) -> memoryview | None:
     view = memoryview(data)
     if len(view) < 12 or view[0:4] != b"RIFF" or view[8:12] != b"WAVE":
         return None
+    riff_end = 8 + int.from_bytes(view[4:8], "little")  # a data chunk past it: let libsndfile judge the file
     fmt_ok, position = False, 12
     while position + 8 <= len(view):
         chunk, size = view[position:position + 4], int.from_bytes(view[position + 4:position + 8], "little")
@@ -233,7 +234,7 @@ def canonical_pcm(data: bytes, sample_rate: int) -> memoryview | None:
             if not fmt_ok:
                 return None
         elif chunk == b"data":
-            if not fmt_ok or size % 2 or position + size > len(view):
+            if not fmt_ok or size % 2 or position + size > min(len(view), riff_end):
                 return None
             return view[position:position + size]
         position += size + (size & 1)

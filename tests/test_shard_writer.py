@@ -147,6 +147,9 @@ def test_canonical_pcm_accepts_only_what_decoding_leaves_unchanged():
     assert canonical_pcm(_riff(_fmt(), _chunk(b"data", b"\1\2\3")), RATE) is None  # half a sample
     assert canonical_pcm(b"RIFF\0\0\0\0WAVEfmt ", RATE) is None
     assert canonical_pcm(_riff(_chunk(b"data", b"\0\0"), _fmt()), RATE) is None  # data before fmt
+    short_riff = bytearray(plain)
+    short_riff[4:8] = struct.pack("<I", 36)  # the RIFF chunk ends where the samples begin
+    assert canonical_pcm(bytes(short_riff), RATE) is None
 
 
 def test_wav_header_is_the_header_encode_writes():

@@ -65,7 +65,7 @@ def _writeback_starter():
     None where there is none; the fsync alone then does it all (it is the guarantee either way)."""
     try:
         function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: no CDLL(None) (Windows)
         return None
     function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     return function
