@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -199,6 +200,45 @@ def encode(samples: np.ndarray, sample_rate: int, encoding: str) -> bytes:
     buffer = io.BytesIO()
     soundfile.write(buffer, samples, sample_rate, format=encoding.upper(), subtype="PCM_16")
     return buffer.getvalue()
+
+
+def wav_header(n_samples: int, sample_rate: int) -> bytes:
+    """The 44-byte header ``encode(…, "wav")`` writes for ``n_samples`` of 16-bit PCM mono."""
+    n_bytes = 2 * n_samples
+    return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + n_bytes, b"WAVE", b"fmt ", 16, 1, 1, sample_rate,
+                       2 * sample_rate, 2, 16, b"data", n_bytes)
+
+
+def canonical_pcm(data: bytes, sample_rate: int) -> memoryview | None:
+    """The PCM bytes of a wav file that ``read_audio`` would return unchanged, or None for anything else.
+
+    Canonical: RIFF/WAVE, a plain PCM fmt chunk (format 1, not extensible) with 1 channel of 16 bits at
+    ``sample_rate``, and a complete data chunk of whole samples. What follows the data chunk (a LIST chunk,
+    trailing bytes) is left out, as libsndfile leaves it out. Anything else (other rates, stereo, 24-bit,
+    float, a truncated or odd data chunk, a header it cannot follow) is None: decode it, which also gives the
+    error such a file deserves.
+    """
+    view = memoryview(data)
+    if len(view) < 12 or view[0:4] != b"RIFF" or view[8:12] != b"WAVE":
+        return None
+    riff_end = 8 + int.from_bytes(view[4:8], "little")  # a data chunk past it: let libsndfile judge the file
+    fmt_ok, position = False, 12
+    while position + 8 <= len(view):
+        chunk, size = view[position:position + 4], int.from_bytes(view[position + 4:position + 8], "little")
+        position += 8
+        if chunk == b"fmt ":
+            if size not in (16, 18) or position + 16 > len(view):
+                return None
+            tag, channels, rate, byte_rate, align, bits = struct.unpack_from("<HHIIHH", view, position)
+            fmt_ok = (tag, channels, rate, byte_rate, align, bits) == (1, 1, sample_rate, 2 * sample_rate, 2, 16)
+            if not fmt_ok:
+                return None
+        elif chunk == b"data":
+            if not fmt_ok or size % 2 or position + size > min(len(view), riff_end):
+                return None
+            return view[position:position + size]
+        position += size + (size & 1)
+    return None
 
 
 def decode(data: bytes) -> tuple[np.ndarray, int]:
