@@ -42,3 +42,26 @@ def test_chunked_parallel_stats_plan_as_the_plain_loop_and_name_each_bad_line(tm
     # a million of each: no __dict__ per record
     assert not hasattr(entries[0], "__dict__") and not hasattr(loop.shards[0][0], "__dict__")
     assert entries[7].where == f"{listing}:8"
+
+
+@pytest.mark.parametrize("limit", ["max_utts", "shard_size"])
+def test_the_last_shard_is_as_full_as_the_others(tmp_path, limit):
+    # 50 speakers × 4 utterances in chunks of 4, at most 48 utterances (or 48 files' bytes) a shard: filling each
+    # shard to the limit gave 48, 48, 48, 48 and a tail of 8 (2 speakers); now 5 shards of 40 (10 speakers each).
+    listing = tree(tmp_path, 50, 4, size=1000)
+    config = (PackConfig(encoding="wav", chunk_size=4, max_utts=48) if limit == "max_utts"
+              else PackConfig(encoding="wav", chunk_size=4, shard_size=48 * 1000))
+    plan = make_plan(read_train_list(listing), tmp_path, config)
+    sizes = [len(items) for items in plan.shards]
+    assert len(sizes) == 5 and sum(sizes) == 200
+    assert max(sizes) <= 48 and max(sizes) - min(sizes) <= config.chunk_size  # within a chunk of each other
+    assert min(len({i.spk for i in items}) for items in plan.shards) >= 9
+
+
+def test_uneven_chunks_stay_within_a_chunk_of_the_mean_and_under_the_limit(tmp_path):
+    # 37 speakers × 7 utterances in chunks of 3 (chunks of 3 and 1): 259 utterances, at most 50 a shard
+    listing = tree(tmp_path, 37, 7)
+    plan = make_plan(read_train_list(listing), tmp_path, PackConfig(chunk_size=3, max_utts=50))
+    sizes = [len(items) for items in plan.shards]
+    assert len(sizes) == 6 and sum(sizes) == 259 and max(sizes) <= 50
+    assert all(abs(n - 259 / 6) <= 3 for n in sizes)

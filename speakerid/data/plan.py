@@ -228,17 +228,30 @@ def _speaker_chunks(entries: list[ListEntry], usable: list[int], speakers, confi
 
 
 def _pack(chunks: list[list[Item]], config: PackConfig) -> list[list[Item]]:
+    """Cut the chunks, in order, into shards of balanced size, none over the limit (--max-utts or --shard-size).
+
+    As many shards as the limit needs (the total over the limit, rounded up), each holding about the mean: a chunk
+    goes to the shard its middle falls in. Filling each shard to the limit instead left a tail shard of a few
+    chunks, so of a few speakers, which a reader holding it sees as a poor speaker mix. A chunk never splits,
+    so a shard is within a chunk of the mean (or holds one chunk larger than the limit alone)."""
+    if config.max_utts:
+        sizes, limit = [len(chunk) for chunk in chunks], config.max_utts
+    else:
+        sizes, limit = [sum(i.est_bytes for i in chunk) for chunk in chunks], config.shard_size
+    total = sum(sizes)
+    n_shards = max(1, -(-total // limit))
+    mean = total / n_shards or 1  # (only 0 for a set of 1-byte files)
     shards: list[list[Item]] = [[]]
-    size = 0
-    for chunk in chunks:
-        chunk_bytes = sum(i.est_bytes for i in chunk)
-        current = shards[-1]
-        full = (len(current) + len(chunk) > config.max_utts) if config.max_utts else (size + chunk_bytes > config.shard_size)
-        if current and full:
+    size = done = slot = 0
+    for chunk, chunk_size in zip(chunks, sizes):
+        target = min(n_shards - 1, int((done + chunk_size / 2) // mean))  # the shard its middle falls in
+        if shards[-1] and (target > slot or size + chunk_size > limit):
             shards.append([])
             size = 0
+        slot = max(slot, target)
         shards[-1].extend(chunk)
-        size += chunk_bytes
+        size += chunk_size
+        done += chunk_size
     return shards
 
 
