@@ -17,6 +17,7 @@ Each phase runs in a fresh subprocess, which reports its wall time and peak RSS 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -24,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -88,15 +90,50 @@ def phase_plan(listing: Path, root: Path) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_mb": peak_mb(), "shards": len(plan.names)}
 
 
+def _memory_mb(pid: int) -> dict[str, float]:
+    """A process's resident, proportional and private memory (Linux's smaps_rollup), in MB."""
+    fields = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if value.strip().endswith("kB"):
+                fields[name] = int(value.split()[0]) / 1024
+    return {"rss": fields["Rss"], "pss": fields["Pss"],
+            "private": fields["Private_Clean"] + fields["Private_Dirty"]}
+
+
+def _watch_workers(peaks: dict, stop: threading.Event) -> None:
+    """Sample the pool workers' memory until ``stop``: a forked worker's RSS counts the pages it shares with its
+    parent, its private memory is what it costs on its own (what the copy-on-write of the plan adds)."""
+    me = os.getpid()
+    while not stop.wait(0.05):
+        children = set()
+        for task in os.listdir(f"/proc/{me}/task"):
+            with contextlib.suppress(OSError):
+                children.update(map(int, Path(f"/proc/{me}/task/{task}/children").read_text().split()))
+        for pid in children:
+            with contextlib.suppress(OSError, KeyError):
+                for name, mb in _memory_mb(pid).items():
+                    peaks[name] = max(peaks.get(name, 0.0), mb)
+
+
 def phase_pack_part(listing: Path, root: Path, out: Path, parts: int) -> dict:
     from speakerid.data.pack import pack
 
     plan = _plan(listing, root)
     planned_mb = peak_mb()
+    peaks: dict = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_workers, args=(peaks, stop), daemon=True)
+    watcher.start()
     start = time.perf_counter()
     report = pack(plan, root, out, workers=2, part=0, parts=parts)
-    return {"seconds": time.perf_counter() - start, "plan_peak_mb": planned_mb, "peak_mb": peak_mb(),
-            "worker_peak_mb": peak_mb(resource.RUSAGE_CHILDREN), "written": len(report.written)}
+    seconds = time.perf_counter() - start
+    stop.set()
+    watcher.join()
+    return {"seconds": seconds, "plan_peak_mb": planned_mb, "peak_mb": peak_mb(),
+            "worker_peak_mb": peak_mb(resource.RUSAGE_CHILDREN), "written": len(report.written),
+            "worker_private_mb": peaks.get("private"), "worker_pss_mb": peaks.get("pss")}
 
 
 def phase_rerun(listing: Path, root: Path, out: Path, max_utts: int) -> dict:
@@ -134,6 +171,8 @@ def main() -> None:
     parser.add_argument("--rerun-max-utts", type=int, default=16, help="utterances a shard in the re-run corpus")
     parser.add_argument("--dir", type=Path, help="keep the corpora here (default: a temporary folder)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--only", choices=("plan", "pack", "rerun"), nargs="+", default=("plan", "pack", "rerun"),
+                        help="run only these measurements")
     parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
@@ -160,36 +199,41 @@ def main() -> None:
         small = make_corpus(work, args.small)
         rerun = make_corpus(work, args.rerun_utts)
         results["corpus_seconds"] = time.perf_counter() - start
-        results["stat"] = run_phase("stat", big, audio)
-        results["plan"] = run_phase("plan", big, audio)
-        for label, listing in (("small", small), ("big", big)):
+        if "plan" in args.only:
+            results["stat"] = run_phase("stat", big, audio)
+            results["plan"] = run_phase("plan", big, audio)
+        for label, listing in (("small", small), ("big", big)) if "pack" in args.only else ():
             out = work / f"pack_{label}"
             shutil.rmtree(out, ignore_errors=True)
             parts = max(1, int(listing.stem.rsplit("_", 1)[1]) // 1024 // 4)  # ~4 shards of 1,024 in part 0
             results[f"pack_part_{label}"] = {**run_phase("pack_part", listing, audio, out, parts), "parts": parts}
-        out = work / "rerun"
-        shutil.rmtree(out, ignore_errors=True)
-        results["rerun"] = run_phase("rerun", rerun, audio, out, args.rerun_max_utts)
+        if "rerun" in args.only:
+            out = work / "rerun"
+            shutil.rmtree(out, ignore_errors=True)
+            results["rerun"] = run_phase("rerun", rerun, audio, out, args.rerun_max_utts)
         results["load_at_end"] = os.getloadavg()[0]
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
 
-    s, p = results["stat"], results["plan"]
     print(f"load {results['load_at_start']:.2f} → {results['load_at_end']:.2f}")
-    print(f"plan {args.utts:,} utts: {p['seconds']:.2f} s, peak {p['peak_mb']:.0f} MB "
-          f"(baseline: list + stat loop {s['seconds']:.2f} s, peak {s['peak_mb']:.0f} MB; "
-          f"{p['seconds'] / s['seconds']:.2f}× the baseline's time; "
-          f"1.09 M extrapolated: {p['seconds'] * 1_092_009 / args.utts:.0f} s)")
-    for label, n in (("small", args.small), ("big", args.utts)):
+    if "plan" in args.only:
+        s, p = results["stat"], results["plan"]
+        print(f"plan {args.utts:,} utts: {p['seconds']:.2f} s, peak {p['peak_mb']:.0f} MB "
+              f"(baseline: list + stat loop {s['seconds']:.2f} s, peak {s['peak_mb']:.0f} MB; "
+              f"{p['seconds'] / s['seconds']:.2f}× the baseline's time; "
+              f"1.09 M extrapolated: {p['seconds'] * 1_092_009 / args.utts:.0f} s)")
+    for label, n in (("small", args.small), ("big", args.utts)) if "pack" in args.only else ():
         r = results[f"pack_part_{label}"]
         print(f"pack part 0 of {r['parts']} at {n:,} utts: parent peak {r['peak_mb']:.0f} MB "
-              f"(after planning {r['plan_peak_mb']:.0f}), largest worker peak {r['worker_peak_mb']:.0f} MB, "
+              f"(after planning {r['plan_peak_mb']:.0f}), largest worker peak {r['worker_peak_mb']:.0f} MB "
+              f"(private {r['worker_private_mb']:.0f} MB, PSS {r['worker_pss_mb']:.0f} MB), "
               f"{r['written']} shards in {r['seconds']:.2f} s")
-    r = results["rerun"]
-    print(f"re-run of {r['shards']:,} finished shards ({args.rerun_utts:,} utts): pack() {r['seconds']:.3f} s "
-          f"(baseline: one scandir of the {r['entries']:,} entries {r['scandir_seconds'] * 1000:.1f} ms; "
-          f"first pack {r['first_pack_seconds']:.1f} s)")
+    if "rerun" in args.only:
+        r = results["rerun"]
+        print(f"re-run of {r['shards']:,} finished shards ({args.rerun_utts:,} utts): pack() {r['seconds']:.3f} s "
+              f"(baseline: one scandir of the {r['entries']:,} entries {r['scandir_seconds'] * 1000:.1f} ms; "
+              f"first pack {r['first_pack_seconds']:.1f} s)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
