@@ -3,11 +3,16 @@ one directory listing to resume. (Its speed and memory are measured in benchmark
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile
 
 from speakerid.data import plan as plan_module
+from speakerid.data.index import STATE_DIR, finished_shards, is_finished
+from speakerid.data.pack import pack
 from speakerid.data.lists import read_train_list
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.errors import SpeakeridError
@@ -65,3 +70,29 @@ def test_uneven_chunks_stay_within_a_chunk_of_the_mean_and_under_the_limit(tmp_p
     sizes = [len(items) for items in plan.shards]
     assert len(sizes) == 6 and sum(sizes) == 259 and max(sizes) <= 50
     assert all(abs(n - 259 / 6) <= 3 for n in sizes)
+
+
+def test_one_listing_tells_finished_shards_and_a_rerun_rewrites_only_the_others(tmp_path):
+    listing = tree(tmp_path / "audio", 6, 4)
+    one = tmp_path / "one.wav"
+    soundfile.write(one, (np.arange(1600) % 200 * 50).astype(np.int16), 16000, subtype="PCM_16")
+    for line in listing.read_text().split():
+        if line.endswith(".wav"):
+            shutil.copy(one, tmp_path / "audio" / line)
+    plan = make_plan(read_train_list(listing), tmp_path / "audio", PackConfig(encoding="wav", chunk_size=2, max_utts=4))
+    out = tmp_path / "shards"
+    pack(plan, tmp_path / "audio", out)
+    first = (out / "index.json").read_text()
+    names = plan.names
+    assert finished_shards(out, names) == set(names) and len(names) == 6
+    with open(out / names[1], "r+b") as f:  # truncated: its size no longer matches its stats
+        f.truncate(1024)
+    (out / STATE_DIR / f"{names[3]}.json").unlink()  # stats lost
+    (out / names[4]).unlink()  # tar lost
+    (out / "index.json").unlink()
+    unfinished = {names[1], names[3], names[4]}
+    assert finished_shards(out, names) == set(names) - unfinished == {n for n in names if is_finished(out, n)}
+    assert finished_shards(tmp_path / "nowhere", names) == set()
+    report = pack(plan, tmp_path / "audio", out)
+    assert set(report.written) == unfinished and set(report.resumed) == set(names) - unfinished
+    assert (out / "index.json").read_text() == first
