@@ -96,3 +96,13 @@ def test_one_listing_tells_finished_shards_and_a_rerun_rewrites_only_the_others(
     report = pack(plan, tmp_path / "audio", out)
     assert set(report.written) == unfinished and set(report.resumed) == set(names) - unfinished
     assert (out / "index.json").read_text() == first
+
+
+def test_shares_near_the_limit_leave_no_small_shard_behind_a_split(tmp_path):
+    # VoxCeleb2's shape in small: chunks of 16 and 6, shares close to the limit; splitting at the limit mid-share
+    # left a shard of the share's few remaining chunks
+    listing = tree(tmp_path, 20, 22)
+    plan = make_plan(read_train_list(listing), tmp_path, PackConfig(chunk_size=16, max_utts=64))
+    sizes = [len(items) for items in plan.shards]
+    assert sum(sizes) == 440 and max(sizes) <= 64
+    assert max(sizes) - min(sizes) <= 16, sizes

@@ -230,16 +230,19 @@ def _speaker_chunks(entries: list[ListEntry], usable: list[int], speakers, confi
 def _pack(chunks: list[list[Item]], config: PackConfig) -> list[list[Item]]:
     """Cut the chunks, in order, into shards of balanced size, none over the limit (--max-utts or --shard-size).
 
-    As many shards as the limit needs (the total over the limit, rounded up), each holding about the mean: a chunk
-    goes to the shard its middle falls in. Filling each shard to the limit instead left a tail shard of a few
+    As many shards as the limit needs (the total over the limit less the largest chunk, rounded up), each holding
+    about the mean: a chunk goes to the shard its middle falls in. Filling each shard to the limit instead left a tail shard of a few
     chunks, so of a few speakers, which a reader holding it sees as a poor speaker mix. A chunk never splits,
     so a shard is within a chunk of the mean (or holds one chunk larger than the limit alone)."""
     if config.max_utts:
         sizes, limit = [len(chunk) for chunk in chunks], config.max_utts
     else:
         sizes, limit = [sum(i.est_bytes for i in chunk) for chunk in chunks], config.shard_size
-    total = sum(sizes)
-    n_shards = max(1, -(-total // limit))
+    total, largest = sum(sizes), max(sizes)
+    # a shard holds the chunks whose middle falls in its share, so up to its share + one chunk: shares of at most
+    # (limit - largest chunk) never reach the limit (and never leave a small shard behind a split at the limit)
+    room = limit - largest if largest < limit else limit
+    n_shards = max(1, -(-total // room))
     mean = total / n_shards or 1  # (only 0 for a set of 1-byte files)
     shards: list[list[Item]] = [[]]
     size = done = slot = 0
