@@ -7,6 +7,7 @@ parent, so a ``kill -9`` of shardify leaves no orphan writing into the directory
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import threading
@@ -33,6 +34,10 @@ def run_jobs(jobs: list[ShardJob], workers: int, listener: PackListener) -> list
         return results
     context = get_context("fork")  # workers import nothing heavy (no torch), fork starts them instantly
     queue = context.Queue()
+    # A forked worker shares the parent's plan (a million records at VoxCeleb2 scale) until its garbage collector
+    # writes to their headers, copying every page: frozen objects are never collected, so a worker's own memory
+    # is its shard's, flat in corpus size.
+    gc.freeze()
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                              initargs=(queue, os.getpid())) as pool:
         futures = [pool.submit(_write_in_worker, job) for job in jobs]
@@ -51,6 +56,8 @@ def run_jobs(jobs: list[ShardJob], workers: int, listener: PackListener) -> list
             for future in futures:
                 future.cancel()
             raise
+        finally:
+            gc.unfreeze()
     return results
 
 
