@@ -321,3 +321,25 @@ def test_later_passes_read_only_the_crops_of_local_wav_shards_and_give_the_same_
     resumed = list(itertools.islice(TrainStream(local, config, 0, 1).batches(skip=20), 10))
     assert all(torch.equal(a["audio"], b["audio"]) for a, b in zip(resumed, whole[20:]))
     assert [b["faults"] for b in resumed] == [b["faults"] for b in whole[20:]]
+
+
+def test_a_speakers_leftover_is_let_go_once_its_last_utterance_of_the_pass_has_come():
+    """M = 2 and 3 utterances of speaker 0 in this pass: the third can never make a tuple and is not held."""
+    import gc
+    import weakref
+
+    from speakerid.data.stages import group_tuples
+
+    made = {}
+
+    def utterances():  # made one at a time, as parse does: nothing else holds them
+        for label, i in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3)]:
+            utt = Utterance(f"s{label}/{i}", label, 99999, 0.5, np.zeros(10, np.int16), 0)
+            made[utt.key] = weakref.ref(utt)
+            yield utt
+
+    tuples = group_tuples(utterances(), 2, quota={0: 3, 1: 4})
+    assert [[u.key for u in t] for t in itertools.islice(tuples, 2)] == [["s0/0", "s0/1"], ["s1/0", "s1/1"]]
+    gc.collect()
+    assert made["s0/2"]() is None
+    assert [[u.key for u in t] for t in tuples] == [["s1/2", "s1/3"]]

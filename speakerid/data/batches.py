@@ -120,7 +120,7 @@ class TrainStream:
             partial(parse, encoding=self.shards.encoding, crop_samples=config.read_samples, rng=rng,
                     pass_number=pass_number, faults=faults),
             partial(apply_quota, quota=self.plan.quota),  # at most max_seg_per_spk utterances of a speaker
-            partial(group_tuples, m=config.utts_per_speaker),  # → M-tuples of one speaker
+            partial(group_tuples, m=config.utts_per_speaker, quota=self.plan.quota),  # → M-tuples of one speaker
             partial(batcher, rng=rng, pass_number=pass_number),  # → pool → batches of N speakers, crops decoded
         ]
 

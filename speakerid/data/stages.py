@@ -118,15 +118,23 @@ def apply_quota(utterances: Iterator[Utterance], quota: dict[int, int]) -> Itera
             yield utt
 
 
-def group_tuples(utterances: Iterator[Utterance], m: int) -> Iterator[list[Utterance]]:
-    """Consecutive utterances of a speaker → M-tuples. Fewer than M left at the pass end are not usable."""
+def group_tuples(utterances: Iterator[Utterance], m: int, quota: dict[int, int] | None = None) -> Iterator[list[Utterance]]:
+    """Consecutive utterances of a speaker → M-tuples. Fewer than M left at the pass end are not usable.
+
+    With ``quota`` (the utterances of each speaker this pass can give, apply_quota's): a speaker's leftover is
+    let go as soon as its last utterance of the pass has come, not held (crop or flac member) to the pass end."""
     partial: dict[int, list[Utterance]] = defaultdict(list)
+    seen: dict[int, int] = defaultdict(int)
     for utt in utterances:
         group = partial[utt.label]
         group.append(utt)
         if len(group) == m:
             yield list(group)
             group.clear()
+        if quota is not None:
+            seen[utt.label] += 1
+            if seen[utt.label] >= quota.get(utt.label, 0):  # no more of this speaker in this pass
+                del partial[utt.label]
 
 
 class Pool:
