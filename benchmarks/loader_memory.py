@@ -106,16 +106,20 @@ def replay_peaks(shards: ShardSet, config: BatchConfig, workers: int, n_batches:
         stock_add(self, t)
         peaks["pool"] = max(peaks["pool"], self.size)
 
-    def group(utterances, m):
-        state = {"in": 0, "out": 0}
+    def group(utterances, m, quota=None):
+        state = {"in": 0, "out": 0, "released": 0}
+        seen = {}
 
         def counted():
             for utt in utterances:
                 state["in"] += 1
-                peaks["partials"] = max(peaks["partials"], state["in"] - m * state["out"])
+                peaks["partials"] = max(peaks["partials"], state["in"] - m * state["out"] - state["released"])
                 yield utt
+                seen[utt.label] = seen.get(utt.label, 0) + 1
+                if quota is not None and seen[utt.label] == quota.get(utt.label, 0):  # its leftover let go
+                    state["released"] += quota[utt.label] % m
 
-        for t in stock_group(counted(), m):
+        for t in stock_group(counted(), m, quota):
             state["out"] += 1
             yield t
 

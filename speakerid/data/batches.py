@@ -29,7 +29,7 @@ import torch
 
 from speakerid.data.batch_config import BatchConfig
 from speakerid.data.loader import TrainLoader, forward_errors
-from speakerid.data.shardio import Faults, ShardFailures, ShardUnavailable
+from speakerid.data.shardio import Faults, ShardFailures, ShardUnavailable, Verified
 from speakerid.data.shardset import ShardSet, assign_streams
 from speakerid.data.stages import Batcher, Stage, apply_quota, group_tuples, interleave, parse, run_stages
 from speakerid.errors import SpeakeridError
@@ -109,18 +109,18 @@ class TrainStream:
             )
 
     def stages(self, rng: np.random.Generator, pass_number: int, failures: ShardFailures,
-               batcher: Batcher) -> list[Stage]:
+               batcher: Batcher, verified: Verified | None = None) -> list[Stage]:
         """One pass of the reader, in order: each stage takes what the one above it yields; add a stage here."""
         config, faults = self.config, self.faults
         return [
             # shard URLs → samples, from up to open_shards shards at once (a random one each time)
             partial(interleave, open_shards=config.open_shards, rng=rng, faults=faults, failures=failures,
-                    io_timeout=self.shards.io_timeout),
+                    io_timeout=self.shards.io_timeout, verified=verified),
             # → Utterance (a wav crop is cut here, a flac member waits for emission)
             partial(parse, encoding=self.shards.encoding, crop_samples=config.read_samples, rng=rng,
                     pass_number=pass_number, faults=faults),
             partial(apply_quota, quota=self.plan.quota),  # at most max_seg_per_spk utterances of a speaker
-            partial(group_tuples, m=config.utts_per_speaker),  # → M-tuples of one speaker
+            partial(group_tuples, m=config.utts_per_speaker, quota=self.plan.quota),  # → M-tuples of one speaker
             partial(batcher, rng=rng, pass_number=pass_number),  # → pool → batches of N speakers, crops decoded
         ]
 
@@ -128,11 +128,13 @@ class TrainStream:
         """Batches of this stream, the first ``skip`` drawn without decoding and not yielded."""
         failures = ShardFailures(self.config.shard_retries)  # failures in a row of a shard, across passes
         batcher = Batcher(self.config, self.stream, self.faults, skip)  # its pool carries tuples across passes
+        # local wav shards read whole (crc32-checked) once; later passes read only each crop's bytes
+        verified = Verified("wav" if self.shards.encoding == "wav" else None)
         for pass_number in itertools.count():
             rng = np.random.default_rng([self.config.seed, self.stream, self.n_streams, pass_number])
             urls = [self.shards.urls[i] for i in rng.permutation(self.plan.shards)]
             drawn = batcher.drawn
-            yield from run_stages(self.stages(rng, pass_number, failures, batcher), urls)
+            yield from run_stages(self.stages(rng, pass_number, failures, batcher, verified), urls)
             if batcher.drawn == drawn:  # a whole readable pass always gives a batch: without one, the next would not either
                 self._no_batch_in_a_pass(urls, failures.last)
 
