@@ -12,7 +12,7 @@ DEMO   ?= data/demo
 TORCH_SPEC  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 TORCH_INDEX ?=
 
-.PHONY: demo test bench clean-demo
+.PHONY: demo test bench gpu-check clean-demo
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run_all.py $(if $(shell command -v nvidia-smi 2>/dev/null),--device cuda)
+
+# The GPU device check (benchmarks/README.md, "GPU check"); no .venv: the device's python3 holds torch, and the
+# wheels it lacks travel in .whl/ (bash benchmarks/gpu_wheels.sh where there is network).
+# make gpu-check [GPU_OUT=/tmp/gpu-check] [GPU_ARGS="--tiny --device cpu"]
+GPU_OUT  ?= /tmp/gpu-check
+GPU_ARGS ?=
+gpu-check:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh $(GPU_OUT) $(GPU_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -2,8 +2,8 @@
 voxceleb_trainer-style loop (one file per utterance, per-sample CPU augmentation), same model, loss,
 optimizer, batch and machine, in the same run; with and without MUSAN/RIR augmentation.
 
-Both sides train ResNetSE34L (nOut 512, SAP) with angleproto and Adam (lr 0.001) on batches of N speakers × M
-utterances, random crops of max_frames·160 + 240 samples, from the same synthetic corpus (page cache warm:
+Both sides train ResNetSE34L (nOut 512, SAP) with angleproto (``--model``/``--loss``: another network or loss, e.g.
+ECAPA_TDNN_C1024 + aamsoftmax, the modern recipe's) and Adam (lr 0.001) on batches of N speakers × M utterances, random crops of max_frames·160 + 240 samples, from the same synthetic corpus (page cache warm:
 every wav file, shard and bank file is read once with ``cat > /dev/null`` first). Each variant runs
 ``--warmup`` untimed optimizer steps (worker start-up, allocator and kernel warm-up), then ``--steps`` timed
 ones. Per step: *wait* = time blocked in ``next(loader)``, *total* = from that call to the end of the step
@@ -29,7 +29,7 @@ default collation (float32 (N, M, L)); in the main process the seed's ``transpos
 
     python benchmarks/train_throughput.py                       # CPU: N=16, 2 workers, 15 steps after 3
     python benchmarks/train_throughput.py --device cuda         # GPU: N=200, 16 workers, 50 steps after 10
-        [--n-speakers N] [--utts-per-speaker M] [--max-frames F] [--workers W] [--steps S] [--warmup K]
+        [--model ResNetSE34L|ECAPA_TDNN_C1024] [--loss angleproto|aamsoftmax|…] [--n-speakers N] [--utts-per-speaker M] [--max-frames F] [--workers W] [--steps S] [--warmup K]
         [--augment | --no-augment] [--repeats R] [--mixed-precision auto|bf16|fp16|no] [--corpus DIR] [--json out.json]
 
 A GPU machine without webdataset/soundfile (it cannot reach PyPI): on a machine that can,
@@ -74,6 +74,14 @@ DEFAULTS = {
     "cpu": {"n_speakers": 16, "workers": 2, "steps": 15, "warmup": 3, "corpus_speakers": 48, "corpus_utts": 24},
     "cuda": {"n_speakers": 200, "workers": 16, "steps": 50, "warmup": 10, "corpus_speakers": 1000, "corpus_utts": 32},
 }
+
+
+# --model → (registry name, options): the published recipes' settings (configs/resnetse34l_*.yaml, ecapa_*.yaml)
+MODEL_PRESETS = {
+    "ResNetSE34L": ("ResNetSE34L", {"n_out": 512, "encoder_type": "SAP"}),
+    "ECAPA_TDNN_C1024": ("ECAPA_TDNN", {"channels": 1024, "n_mels": 80, "n_out": 192}),
+}
+LOSS_OPTIONS = {"aamsoftmax": {"margin": 0.2, "scale": 30.0}}  # --loss: the recipes' options (ecapa_aamsoftmax.yaml)
 
 
 # ---------------------------------------------------------------------------------- the baseline loop
@@ -121,8 +129,10 @@ def timed_steps(next_batch, step, warmup: int, steps: int) -> dict:
 
 
 def config_for(args, shards_dir: Path, augment: bool, banks: tuple[Path, Path] | None):
+    model_name, model_options = MODEL_PRESETS[args.model]
     overrides = [
-        "model.name=ResNetSE34L", "model.options.n_out=512", "model.options.encoder_type=SAP", "loss.name=angleproto",
+        f"model.name={model_name}", *(f"model.options.{k}={v}" for k, v in model_options.items()),
+        f"loss.name={args.loss}", *(f"loss.options.{k}={v}" for k, v in LOSS_OPTIONS.get(args.loss, {}).items()),
         "optim.name=adam", "optim.lr=0.001", f"data.train_shards={shards_dir}", f"data.n_speakers={args.n_speakers}",
         f"data.utts_per_speaker={args.utts_per_speaker}", f"data.max_frames={args.max_frames}",
         f"data.workers={args.workers}", f"train.mixed_precision={args.mixed_precision}", f"train.seed={args.seed}",
@@ -214,6 +224,8 @@ def run_baseline(args, device: torch.device, paths, labels, augment: bool, banks
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", choices=list(MODEL_PRESETS), default="ResNetSE34L", help="network, both sides")
+    parser.add_argument("--loss", default="angleproto", help="loss (speakerid's registry name), both sides")
     parser.add_argument("-n", "--n-speakers", type=int, help="N, speakers per batch (cpu 16, cuda 200)")
     parser.add_argument("-m", "--utts-per-speaker", type=int, default=2, help="M (default 2)")
     parser.add_argument("--max-frames", type=int, default=200, help="crop of max_frames·160 + 240 samples (200: 2 s)")
@@ -326,7 +338,7 @@ def main() -> None:
         limit.update(utterances_per_s=network_bound, what="the network alone, forward + backward")
 
     # ---- report
-    table = Table(title=(f"training throughput, ResNetSE34L + angleproto, Adam: N={args.n_speakers} × "
+    table = Table(title=(f"training throughput, {args.model} + {args.loss}, Adam: N={args.n_speakers} × "
                          f"M={args.utts_per_speaker}"
                          f" crops of {crop} samples; {args.workers} loader workers; {args.steps} timed steps after "
                          f"{args.warmup}; {device.type}; best of {args.repeats}"))

@@ -131,3 +131,121 @@ def test_techniques_stops_at_a_signal_to_its_process_group(tmp_path):
     text = " ".join(log.read_text().split())
     assert "stopped by a signal while training" in text and "no table written" in text
     assert not (tmp_path / "out" / "seed-0" / "runs" / "speed").exists()  # the next row never started
+
+
+# ---- the device check (benchmarks/gpu_check.sh), rehearsed on the CPU
+
+GPU_CHECK_SECTIONS = {"train_resnetse34l_bf16", "train_resnetse34l_fp16", "train_ecapa_c1024_aam_bf16", "eval_vox1o",
+                      "frontend_torchaudio", "losses_amp"}
+
+
+def test_gpu_check_rehearses_every_section_on_the_cpu(tmp_path):
+    """`bash benchmarks/gpu_check.sh OUT --tiny --device cpu`: the device's one command, every section at tiny sizes;
+    each has figures or a stated reason it did not run here; one table on stdout, OUT/gpu_check.json with the
+    environment. Its figures mean nothing; ~100 s of CPU time, so minutes of wall time on a loaded machine."""
+    from speakerid.losses import LOSSES
+
+    env = os.environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+                        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out"), "--tiny",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=2700, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    sections = report["sections"]
+    assert set(sections) == GPU_CHECK_SECTIONS and report["failed"] == []
+    for name, section in sections.items():
+        assert section["status"] in ("ok", "skipped"), (name, section)
+        if section["status"] == "ok":
+            assert section["rows"], name
+        else:
+            assert section["error"].startswith("skipped: "), (name, section)
+    assert "CUDA path" in sections["train_resnetse34l_fp16"]["error"]
+    for name in ("train_resnetse34l_bf16", "train_ecapa_c1024_aam_bf16"):
+        utts = [r for r in sections[name]["rows"] if r["figure"].startswith("utterances/s")]
+        assert utts and all(r["speakerid"] > 0 and r["baseline"] > 0 and r["ratio"] > 0 for r in utts), name
+    assert "--model ECAPA_TDNN_C1024" in sections["train_ecapa_c1024_aam_bf16"]["figures"]["command"]
+    # --tiny: augmentation on for ResNetSE34L, off for ECAPA (each path once); utterances/s and data-wait each
+    assert [r["figure"] for r in sections["train_resnetse34l_bf16"]["rows"]] == [
+        "utterances/s, augmentation on", "data-wait %, augmentation on"]
+    assert [r["figure"] for r in sections["train_ecapa_c1024_aam_bf16"]["rows"]] == [
+        "utterances/s, augmentation off", "data-wait %, augmentation off"]
+    evaluation = sections["eval_vox1o"]["rows"]
+    assert [r["figure"].split(",")[0] for r in evaluation] == ["seconds", "seconds"]
+    assert all(r["baseline"] > 0 and "EER" in r["note"] for r in evaluation)
+    try:
+        import torchaudio  # noqa: F401
+    except Exception:  # noqa: BLE001 (its CUDA wheels fail to load next to a CPU torch)
+        assert "torchaudio not importable here" in sections["frontend_torchaudio"]["error"]
+    losses = {r["figure"].split(":")[0]: r["speakerid"] for r in sections["losses_amp"]["rows"]}
+    assert set(losses) == set(LOSSES) and all(cell.startswith("ok / ") for cell in losses.values()), losses
+    assert report["environment"]["torch"] and report["environment"]["python"] and report["tiny"]
+    assert "gpu_check (cpu, tiny)" in done.stdout and "6 of 6 sections without failure" in done.stdout
+    assert all(name in done.stdout for name in GPU_CHECK_SECTIONS)  # the table
+    assert "===== losses_amp" in (tmp_path / "out" / "gpu_check.log").read_text()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.json", "gpu_check.log"]
+
+
+def test_gpu_check_reports_a_failing_section_and_runs_the_rest(tmp_path):
+    """A section that crashes or outlives its budget is a failed row with its error; the next still runs."""
+    import gpu_check
+
+    sections = [gpu_check.Section("crashes", 60, [sys.executable, "-c", "import sys; print('boom: no such file x.tar'); "
+                                                   "sys.exit(3)"], gpu_check.own_rows),
+                gpu_check.Section("hangs", 1, [sys.executable, "-c", "import time; time.sleep(30)"], gpu_check.own_rows),
+                gpu_check.Section("runs", 60, [sys.executable, "-c", "import json, sys; open(sys.argv[-1], 'w')"
+                                               ".write(json.dumps({'status': 'ok', 'rows': []}))"], gpu_check.own_rows),
+                gpu_check.Section("late", 60, [sys.executable, "-c", "pass"], gpu_check.own_rows)]
+    with open(tmp_path / "log", "w") as log:
+        results = [gpu_check.run_section(s, left, tmp_path, log) for s, left in zip(sections, (60, 60, 60, 1))]
+    assert results[0]["status"] == "failed" and "exit status 3" in results[0]["error"]
+    assert "boom: no such file x.tar" in results[0]["error"]
+    assert results[1]["status"] == "failed" and "timed out after 1 s" in results[1]["error"]
+    assert results[2]["status"] == "ok"
+    assert results[3]["status"] == "skipped" and "total budget ran out" in results[3]["error"]
+
+
+def _torchaudio_stand_in(scale: float = 1.0):
+    """torchaudio's two front-end calls, as gpu_sections.py uses them, over speakerid's own (torchaudio cannot load
+    next to a CPU torch): the section's plumbing is rehearsed here, its figures come from the device."""
+    import types
+
+    import torch
+
+    from speakerid.features import KaldiFbank, MelSpectrogram
+
+    class Mel(torch.nn.Module):
+        def __init__(self, *, sample_rate, n_fft, win_length, hop_length, window_fn, n_mels):
+            super().__init__()
+            window = "hann" if window_fn is torch.hann_window else "hamming"
+            self.inner = MelSpectrogram(n_mels=n_mels, window=window, n_fft=n_fft, win_length=win_length,
+                                        hop_length=hop_length, sample_rate=sample_rate)
+
+        def forward(self, x):
+            return self.inner(x) * scale
+
+    def fbank(waveform, num_mel_bins, dither):
+        assert dither == 0.0 and waveform.shape[0] == 1
+        return KaldiFbank(num_mel_bins).to(waveform.device)(waveform / 32768)[0].t()
+
+    module = types.ModuleType("torchaudio")
+    module.__version__ = "stand-in"
+    module.transforms = types.SimpleNamespace(MelSpectrogram=Mel)
+    module.compliance = types.SimpleNamespace(kaldi=types.SimpleNamespace(fbank=fbank))
+    return module
+
+
+def test_gpu_check_frontend_section_compares_with_torchaudio(monkeypatch):
+    import torch
+
+    import gpu_sections
+
+    monkeypatch.setitem(sys.modules, "torchaudio", _torchaudio_stand_in())
+    result = gpu_sections.frontend(torch.device("cpu"), tiny=True)
+    assert result["status"] == "ok" and result["error"] is None, result
+    assert [r["figure"].split(":")[0] for r in result["rows"]] == [
+        "MelSpectrogram hamming 40 mels", "MelSpectrogram hann 40 mels", "MelSpectrogram hamming 64 mels",
+        "KaldiFbank 80"]
+    assert all(r["speakerid"] < 1e-6 for r in result["rows"]) and "ms vs torchaudio" in result["rows"][0]["note"]
+    monkeypatch.setitem(sys.modules, "torchaudio", _torchaudio_stand_in(scale=1.01))  # a front-end that drifted
+    result = gpu_sections.frontend(torch.device("cpu"), tiny=True)
+    assert result["status"] == "failed" and "differs from torchaudio by 9.9" in result["error"], result
