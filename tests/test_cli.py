@@ -23,11 +23,7 @@ HELPS = [(["shardify"], "speakerid shardify"), (["train"], "speakerid train"), (
          (["average"], "speakerid average"), (["options"], "speakerid options")]
 HELPS += [(["shardify", sub], f"speakerid shardify {sub}")
           for sub in ("pack", "verify", "merge", "read", "calibration-trials")]
-try:  # speakerid export is another part of issue 14: checked as soon as its module exists
-    import speakerid.export  # noqa: F401
-    HELPS.append((["export"], "speakerid export"))
-except ModuleNotFoundError:
-    pass
+HELPS.append((["export"], "speakerid export"))
 
 
 def _help(argv: list[str], capsys) -> str:

@@ -8,7 +8,6 @@ Parsing and printing only: the work is done by speakerid.training.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from rich.console import Console
 from rich.markup import escape
