@@ -72,6 +72,33 @@ def test_uneven_chunks_stay_within_a_chunk_of_the_mean_and_under_the_limit(tmp_p
     assert all(abs(n - 259 / 6) <= 3 for n in sizes)
 
 
+def filled_to_the_limit(sizes: list[int], limit: int) -> list[int]:
+    """Shard sizes when each shard is filled to the limit (the old packing; the fewest shards for chunks in order)."""
+    shards = [0]
+    for size in sizes:
+        if shards[-1] and shards[-1] + size > limit:
+            shards.append(0)
+        shards[-1] += size
+    return shards
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_chunks_near_the_limit_take_as_few_shards_as_filling_and_a_larger_one_is_alone(seed):
+    rng = np.random.default_rng(seed)
+    limit = int(rng.integers(10, 60))
+    # chunk sizes from a tenth of the limit to all of it, now and then one over it
+    sizes = [int(n) for n in rng.integers(max(1, limit // 10), limit + 1, size=int(rng.integers(1, 80)))]
+    if seed % 4 == 0:
+        sizes[int(rng.integers(len(sizes)))] = limit + 7
+    chunks = [[f"{c}.{u}" for u in range(size)] for c, size in enumerate(sizes)]
+    shards = plan_module._pack(chunks, PackConfig(chunk_size=1, max_utts=limit))
+    assert [u for shard in shards for u in shard] == [u for chunk in chunks for u in chunk]  # in order, whole
+    assert len(shards) == len(filled_to_the_limit(sizes, limit))
+    starts = {chunk[0] for chunk in chunks}
+    assert all(shard[0] in starts for shard in shards)  # no chunk split
+    assert all(len(shard) <= limit or len({u.split(".")[0] for u in shard}) == 1 for shard in shards)
+
+
 def test_one_listing_tells_finished_shards_and_a_rerun_rewrites_only_the_others(tmp_path):
     listing = tree(tmp_path / "audio", 6, 4)
     one = tmp_path / "one.wav"

@@ -228,34 +228,46 @@ def _speaker_chunks(entries: list[ListEntry], usable: list[int], speakers, confi
 
 
 def _pack(chunks: list[list[Item]], config: PackConfig) -> list[list[Item]]:
-    """Cut the chunks, in order, into shards of balanced size, none over the limit (--max-utts or --shard-size).
+    """Cut the chunks, in order, into as few shards as the limit allows (--max-utts or --shard-size), balanced.
 
-    As many shards as the limit needs (the total over the limit less the largest chunk, rounded up), each holding
-    about the mean: a chunk goes to the shard its middle falls in. Filling each shard to the limit instead left a tail shard of a few
-    chunks, so of a few speakers, which a reader holding it sees as a poor speaker mix. A chunk never splits,
-    so a shard is within a chunk of the mean (or holds one chunk larger than the limit alone)."""
+    Filling each shard to the limit gives the fewest shards but left a tail shard of a few chunks, so of a few
+    speakers, which a reader holding it sees as a poor speaker mix. Here, with that many shards, each shard takes
+    chunks while the middle of the next stays within the mean of what is left ((size left) / (shards left)), and
+    more where stopping would leave the rest unable to fit the shards left. A chunk never splits (one larger than
+    the limit is a shard alone)."""
     if config.max_utts:
         sizes, limit = [len(chunk) for chunk in chunks], config.max_utts
     else:
         sizes, limit = [sum(i.est_bytes for i in chunk) for chunk in chunks], config.shard_size
-    total, largest = sum(sizes), max(sizes)
-    # a shard holds the chunks whose middle falls in its share, so up to its share + one chunk: shares of at most
-    # (limit - largest chunk) never reach the limit (and never leave a small shard behind a split at the limit)
-    room = limit - largest if largest < limit else limit
-    n_shards = max(1, -(-total // room))
-    mean = total / n_shards or 1  # (only 0 for a set of 1-byte files)
-    shards: list[list[Item]] = [[]]
-    size = done = slot = 0
-    for chunk, chunk_size in zip(chunks, sizes):
-        target = min(n_shards - 1, int((done + chunk_size / 2) // mean))  # the shard its middle falls in
-        if shards[-1] and (target > slot or size + chunk_size > limit):
-            shards.append([])
-            size = 0
-        slot = max(slot, target)
-        shards[-1].extend(chunk)
-        size += chunk_size
-        done += chunk_size
-    return shards
+    needs = _shards_needed(sizes, limit)
+    ends, left, index = [0], sum(sizes), 0
+    for shards_left in range(needs[0], 0, -1):
+        target, size = left / shards_left, 0
+        while index < len(sizes) and (size == 0 or size + sizes[index] <= limit
+                                      and (size + sizes[index] / 2 <= target or needs[index] >= shards_left)):
+            size += sizes[index]
+            index += 1
+        left -= size
+        ends.append(index)
+    return [[item for chunk in chunks[a:b] for item in chunk] for a, b in zip(ends, ends[1:])]
+
+
+def _shards_needed(sizes: list[int], limit: int) -> list[int]:
+    """For each chunk index, the fewest shards within the limit that hold it and every chunk after it (filling
+    each to the limit, which is the fewest for chunks kept in order); one more entry, 0, for none left."""
+    ends, end, size = [], 0, 0  # ends[i]: where a shard filled from chunk i ends
+    for start in range(len(sizes)):
+        if end == start:
+            end, size = start + 1, sizes[start]
+        while end < len(sizes) and size + sizes[end] <= limit:
+            size += sizes[end]
+            end += 1
+        ends.append(end)
+        size -= sizes[start]
+    needs = [0] * (len(sizes) + 1)
+    for start in range(len(sizes) - 1, -1, -1):
+        needs[start] = 1 + needs[ends[start]]
+    return needs
 
 
 def plan_digest(plan: PackPlan) -> str:
