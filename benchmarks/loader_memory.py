@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import checkout  # noqa: F401 (this checkout's speakerid first on sys.path)
 from speakerid.data.batch_config import BatchConfig
 from speakerid.data.shardset import ShardSet
 

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
+import checkout  # noqa: F401 (this checkout's speakerid first on sys.path)
+
 UTTS_PER_SPEAKER = 182  # VoxCeleb2 dev: 1,092,009 utterances of 5,994 speakers
 UTTS_PER_VIDEO = 8
 LINKS_PER_FILE = 50_000
