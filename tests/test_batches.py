@@ -28,7 +28,7 @@ from speakerid.data.lists import read_train_list, utterance_key
 from speakerid.data.pack import pack
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.shardset import ShardSet, assign_streams
-from speakerid.data.stages import Batcher, Utterance
+from speakerid.data.stages import Batcher, Utterance, batch_buffer
 from speakerid.errors import SpeakeridError
 from tests.conftest import REPO
 
@@ -130,6 +130,21 @@ def test_same_seed_same_stream_other_seed_other_stream(flac_shards):
     assert [x["keys"] for x in a] == [x["keys"] for x in b]
     assert all(torch.equal(x["audio"], y["audio"]) for x, y in zip(a, b))
     assert [x["keys"] for x in a] != [x["keys"] for x in c]
+
+
+class _BufferProbe(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield {"shared": batch_buffer((2, 3)).is_shared()}
+
+
+def test_a_worker_fills_its_batch_in_shared_memory_and_sends_the_same_batches(wav_shards):
+    # torch copies a worker's private tensor into shared memory to send it; a batch born there is sent as is
+    in_worker = list(torch.utils.data.DataLoader(_BufferProbe(), batch_size=None, num_workers=1))
+    assert in_worker == [{"shared": True}] and not batch_buffer((2, 3)).is_shared()
+    shards = ShardSet.open(wav_shards)
+    one_worker, main = take(train_loader(shards, CONFIG, workers=1), 6), take(train_loader(shards, CONFIG), 6)
+    assert [b["keys"] for b in one_worker] == [b["keys"] for b in main]  # one stream either way
+    assert all(torch.equal(a["audio"], b["audio"]) for a, b in zip(one_worker, main))
 
 
 @pytest.mark.parametrize("start", [0, 1, 5, 6])

@@ -230,14 +230,16 @@ class Batcher:
         pool = self.pool
         n, m, length = self.config.n_speakers, self.config.utts_per_speaker, self.config.read_samples
         chosen: list[list[Utterance]] = []
-        crops = np.empty((n, m, length), dtype=np.int16) if decode else None
+        audio = batch_buffer((n, m, length)) if decode else None
+        crops = audio.numpy() if decode else None
         for label in pool.draw_order(rng, pass_number):
             t = pool.pop(label)
             tuple_crops = [self.crop(utt, decode) for utt in t]
             if any(crop is None for crop in tuple_crops):  # a member that does not decode: drop the tuple
                 continue
             if decode:
-                crops[len(chosen)] = np.stack(tuple_crops)
+                for j, crop in enumerate(tuple_crops):
+                    crops[len(chosen), j] = crop
             chosen.append(t)
             if len(chosen) == n:
                 break
@@ -246,7 +248,7 @@ class Batcher:
                 pool.put_back(t)
             return None
         return {
-            "audio": torch.from_numpy(crops) if decode else None,
+            "audio": audio,
             "labels": torch.tensor([t[0].label for t in chosen], dtype=torch.long),
             "keys": [[u.key for u in t] for t in chosen],
             "tuple_passes": [t[0].pass_number for t in chosen],  # the pass each tuple was read in
@@ -254,6 +256,13 @@ class Batcher:
             "pass": pass_number,
             "faults": self.faults.as_dict(),
         }
+
+
+def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An int16 batch to fill: in a DataLoader worker, in shared memory from the start, so handing it to the
+    main process sends its name and copies nothing (torch copies a private tensor into shared memory first)."""
+    buffer = torch.empty(shape, dtype=torch.int16)
+    return buffer.share_memory_() if torch.utils.data.get_worker_info() is not None else buffer
 
 
 def run_stages(stages: list[Stage], source: Iterable) -> Iterator:
