@@ -4,7 +4,9 @@ A canonical wav input (16-bit PCM mono at the corpus rate, see :func:`~speakerid
 decoded: its PCM bytes are the samples, and for wav shards its bytes (re-headered when its header is not the
 44 bytes ``encode`` writes) are the member, byte for byte what decoding and re-encoding would give.
 A shard is written to a hidden temporary name, hashed while it is written, fsynced, its stats stored in
-``.shardify/<name>.json``, and only then renamed to ``<name>.tar``: a ``.tar`` that exists is complete.
+``.shardify/<name>.json``, and only then renamed to ``<name>.tar``: a ``.tar`` that exists is complete. Writing
+(:func:`start_shard`) and making durable (:func:`finish_shard`) are two steps, so the fsync of one shard runs in a
+thread of the packing process while the next shard is written (``speakerid.data.pool``).
 Shards are bit-reproducible (fixed member times and owners), so a resumed run, a run with other
 ``--workers`` and a ``--part``/``merge`` run all produce the same shards. Undecodable inputs are collected,
 not raised, so that one run names every bad file.
@@ -143,11 +145,31 @@ def _metadata(item: Item, samples: int, config: PackConfig) -> dict:
     return meta
 
 
-def _read(path: Path, config: PackConfig) -> tuple[np.ndarray, bytes | None]:
+class _InputBuffer:
+    """Reads each input file into one reused buffer: a fresh ``bytes`` a file costs its pages' faults and zeroing,
+    as much again as reading it. A view stays valid until the next read (a larger file gets a new buffer)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def read(self, path: Path) -> memoryview | bytes:
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size >= len(self.buffer):
+                self.buffer = bytearray(max(size + 1, 2 * len(self.buffer)))
+            view, n = memoryview(self.buffer), 0
+            while got := f.readinto(view[n:]):
+                n += got
+            if n == len(view):  # the file grew past its size while read: the rest as bytes
+                return bytes(view) + f.read()
+            return view[:n]
+
+
+def _read(path: Path, config: PackConfig, buffer: _InputBuffer) -> tuple[np.ndarray, memoryview | bytes | None]:
     """The utterance as int16 samples, and the file's bytes when it is canonical wav (then nothing is decoded)."""
     if path.suffix.lower() == ".wav":
         try:
-            data = path.read_bytes()
+            data = buffer.read(path)
         except OSError:
             data = None  # read_audio below names the problem
         pcm = canonical_pcm(data, config.sample_rate) if data is not None else None
@@ -158,7 +180,7 @@ def _read(path: Path, config: PackConfig) -> tuple[np.ndarray, bytes | None]:
                       min_seconds=config.shortest), None
 
 
-def _encode(audio: np.ndarray, data: bytes | None, config: PackConfig) -> bytes:
+def _encode(audio: np.ndarray, data: memoryview | bytes | None, config: PackConfig) -> memoryview | bytes:
     """The member's bytes: a canonical wav's own bytes (re-headered if need be) for wav shards, else encoded."""
     if data is None or config.encoding != "wav":
         return encode(audio, config.sample_rate, config.encoding)
@@ -168,16 +190,32 @@ def _encode(audio: np.ndarray, data: bytes | None, config: PackConfig) -> bytes:
     return header + audio.astype("<i2", copy=False).tobytes()
 
 
+@dataclass
+class WrittenShard:
+    """A shard whose bytes are all in its temporary file, neither durable nor in place yet (:func:`finish_shard`,
+    in any process: a pack worker hands it to its parent); ``tmp`` is None for a shard not kept (bad inputs
+    without --skip-bad), whose result says so."""
+    out_dir: Path
+    tmp: Path | None
+    result: ShardResult
+
+
 def write_shard(job: ShardJob, progress: Progress | None = None) -> ShardResult:
     """Decode, encode and tar one shard's utterances; rename into place only when complete."""
+    return finish_shard(start_shard(job, progress))
+
+
+def start_shard(job: ShardJob, progress: Progress | None = None) -> WrittenShard:
+    """Write the shard's tar to a temporary name (not yet fsynced) and count what it holds; :func:`finish_shard`
+    makes it durable and puts it in place. Split so the CPU can write the next shard while the disk works."""
     config = job.config
-    final = job.out_dir / job.name
     tmp = job.out_dir / f".{job.name}.tmp-{os.getpid()}"
     bad: list[dict] = []
     n_samples = duration = input_bytes = 0
     speakers, chunks = set(), set()
     per_label: dict[int, int] = {}
     keys: list[str] = []
+    buffer = _InputBuffer()
     try:
         with open(tmp, "wb", buffering=1 << 20) as f:
             tar = _ShardTar(f)
@@ -187,7 +225,7 @@ def write_shard(job: ShardJob, progress: Progress | None = None) -> ShardResult:
                 path = job.root / item.src
                 data = None
                 try:
-                    audio, data = _read(path, config)
+                    audio, data = _read(path, config, buffer)
                 except AudioError as error:
                     bad.append({"src": item.src, "reason": str(error).removeprefix(f"{path}: ")})
                     continue
@@ -209,22 +247,38 @@ def write_shard(job: ShardJob, progress: Progress | None = None) -> ShardResult:
                 per_label[item.label] = per_label.get(item.label, 0) + 1
                 keys.append(item.key)
             tar.close()
-            f.flush()
-            os.fsync(f.fileno())
-        if bad and not job.skip_bad:
-            tmp.unlink()
-            return ShardResult(job.name, False, None, bad, input_bytes)
-        stats = {
-            "name": job.name, "bytes": tar.bytes, "sha256": tar.sha256.hexdigest(), "samples": n_samples,
-            "chunks": len(chunks) if config.kind == "train" else n_samples, "speakers": len(speakers),
-            "duration": round(duration / config.sample_rate, 3), "skipped": bad,
-        }
-        if config.kind == "train":  # lets a reader size an epoch (tuples per speaker) from the index alone
-            stats["labels"] = {str(label): n for label, n in sorted(per_label.items())}
-        else:
-            stats["keys"] = keys
-        write_json_atomic(job.out_dir / STATE_DIR / f"{job.name}.json", stats)
-        os.replace(tmp, final)
-        return ShardResult(job.name, True, stats, bad, input_bytes)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    if bad and not job.skip_bad:
+        tmp.unlink()
+        return WrittenShard(job.out_dir, None, ShardResult(job.name, False, None, bad, input_bytes))
+    stats = {
+        "name": job.name, "bytes": tar.bytes, "sha256": tar.sha256.hexdigest(), "samples": n_samples,
+        "chunks": len(chunks) if config.kind == "train" else n_samples, "speakers": len(speakers),
+        "duration": round(duration / config.sample_rate, 3), "skipped": bad,
+    }
+    if config.kind == "train":  # lets a reader size an epoch (tuples per speaker) from the index alone
+        stats["labels"] = {str(label): n for label, n in sorted(per_label.items())}
+    else:
+        stats["keys"] = keys
+    return WrittenShard(job.out_dir, tmp, ShardResult(job.name, True, stats, bad, input_bytes))
+
+
+def finish_shard(written: WrittenShard) -> ShardResult:
+    """fsync the shard's temporary, store its stats, then rename it to its name: a ``.tar`` that exists is complete.
+    (fsync of any descriptor of a file flushes the file's written pages: Linux's fsync(2).)"""
+    if written.tmp is None:
+        return written.result
+    try:
+        fd = os.open(written.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        name = written.result.name
+        write_json_atomic(written.out_dir / STATE_DIR / f"{name}.json", written.result.stats)
+        os.replace(written.tmp, written.out_dir / name)
+        return written.result
+    finally:
+        written.tmp.unlink(missing_ok=True)
