@@ -8,7 +8,7 @@ Measured in the same run on the same files, page cache warm:
 - the disk's share: writing the same shard bytes to new files and fsyncing each (what any writer whose shards
   must survive a crash pays; the baseline leaves them dirty in the page cache).
 
-    python benchmarks/shardify_throughput.py [--speakers 60 --utts 20] [--corpus DIR] [--json out.json]
+    python benchmarks/shardify_throughput.py [--speakers 60 --utts 20] [--corpus DIR] [--repeats 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, help="reuse/create the synthetic corpus here (default: a temp dir)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--encodings", nargs="+", default=["wav", "flac"])
+    parser.add_argument("--repeats", type=int, default=3, help="each side's best of this many runs")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     console = Console(width=130)
@@ -92,24 +93,30 @@ def main() -> None:
     baselines = {}
     for encoding in args.encodings:
         out = scratch / f"baseline-{encoding}"
-        baselines[encoding] = input_mb / naive_pack(entries, corpus.info.root, out, encoding, shard_bytes)
-        shutil.rmtree(out)
+        best = float("inf")
+        for _ in range(args.repeats):
+            best = min(best, naive_pack(entries, corpus.info.root, out, encoding, shard_bytes))
+            shutil.rmtree(out)
+        baselines[encoding] = input_mb / best
 
     rows = []
     for encoding in args.encodings:
         for workers in args.workers:
             out = scratch / f"{encoding}-{workers}"
-            start = time.perf_counter()
-            plan = make_plan(entries, corpus.info.root, PackConfig(encoding=encoding, shard_size=shard_bytes))
-            report = pack(plan, corpus.info.root, out, workers=workers)
-            seconds = time.perf_counter() - start
+            seconds = float("inf")
+            for _ in range(args.repeats):
+                shutil.rmtree(out, ignore_errors=True)
+                start = time.perf_counter()
+                plan = make_plan(entries, corpus.info.root, PackConfig(encoding=encoding, shard_size=shard_bytes))
+                report = pack(plan, corpus.info.root, out, workers=workers)
+                seconds = min(seconds, time.perf_counter() - start)
             shards = [out / name for name in plan.names]
             cat_out = page_cache_seconds(shards)
             durable = durable_write_seconds(shards, scratch)
             rows.append({
                 "encoding": encoding, "workers": workers, "utterances": len(entries), "input_mb": input_mb,
                 "output_mb": report.output_bytes / 1e6, "seconds": seconds, "mb_per_s": input_mb / seconds,
-                "utt_per_s": len(entries) / seconds, "baseline_mb_per_s": baselines[encoding],
+                "utt_per_s": len(entries) / seconds, "baseline_mb_per_s": baselines[encoding], "repeats": args.repeats,
                 "cat_inputs_mb_per_s": input_mb / cat_in, "cat_outputs_mb_per_s": report.output_bytes / 1e6 / cat_out,
                 "write_fsync_mb_per_s": input_mb / durable,  # MB of input, as the other figures
             })
@@ -130,7 +137,8 @@ def main() -> None:
     about = machine()
     command = "python " + " ".join(sys.argv)
     console.print(f"machine: {about}; command: {command}")
-    console.print("baseline: webdataset ShardWriter, one process, files in list order")
+    console.print(f"baseline: webdataset ShardWriter, one process, files in list order; each side the best of "
+                  f"{args.repeats} runs")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "cores": os.cpu_count(), "machine": about, "command": command,
                                          "hours": corpus.info.hours}, indent=1))
