@@ -154,15 +154,18 @@ def check_baseline(config: BatchConfig):
 
 
 class _ReadyBatches(torch.utils.data.IterableDataset):
-    """A worker that only copies a ready (N, M, L) batch and sends it: the DataLoader's own cost."""
+    """A worker that only copies a ready (N, M, L) batch into a fresh shared-memory tensor and sends it: the
+    DataLoader's own cost for a new batch (a private tensor would be copied into shared memory once more)."""
 
     def __init__(self, shape: tuple[int, int, int], dtype) -> None:
         self.shape, self.dtype = shape, dtype
 
     def __iter__(self):
-        source = np.ones(self.shape, dtype=self.dtype)
+        source = torch.from_numpy(np.ones(self.shape, dtype=self.dtype))
         while True:
-            yield {"audio": torch.from_numpy(source.copy())}
+            batch = torch.empty(self.shape, dtype=source.dtype).share_memory_()
+            batch.copy_(source)
+            yield {"audio": batch}
 
 
 def transport_ceiling(config: BatchConfig, workers: int, dtype, batches: int = 64) -> float:
