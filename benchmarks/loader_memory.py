@@ -134,7 +134,9 @@ def replay_peaks(shards: ShardSet, config: BatchConfig, workers: int, n_batches:
     return peaks
 
 
-BATCH_BUFFERS = 3  # crops being filled + the previous batch + its shared-memory copy made by the queue's feeder thread
+# crops being filled + the previous batch (both in shared memory since issue 15: the queue's feeder thread no longer
+# copies a private batch into shared memory; with 3, the 2026-12-02 run's formula was 4-7 % over the measured RSS)
+BATCH_BUFFERS = 2
 
 
 def memory_model(config: BatchConfig, encoding: str, member_bytes: float, idle_mb: float, peaks: dict) -> dict:
@@ -144,7 +146,7 @@ def memory_model(config: BatchConfig, encoding: str, member_bytes: float, idle_m
       pool      P tuples × M utterances: P ≥ ⌈pool_factor·N⌉, and more while the pool holds < N distinct speakers
       partials  Q utterances waiting in group_tuples for the rest of their M-tuple
       payload   p = 2·L bytes (wav: the int16 crop is cut when parsed) | b̄ (flac: the whole member until emission)
-      batches   3 × N·M·2L (see BATCH_BUFFERS; measured with a worker that only yields ready batches)
+      batches   2 × N·M·2L (see BATCH_BUFFERS)
     """
     n, m, length = config.n_speakers, config.utts_per_speaker, config.crop_samples
     payload = 2 * length if encoding == "wav" else member_bytes
