@@ -384,7 +384,7 @@ def main() -> None:
                       + "; ".join(f"{w} worker(s): int16 {c['int16']:.0f}, float32 {c['float32']:.0f}"
                                   for w, c in ceilings.items()))
     console.print(
-        "speakerid RSS/worker ≈ idle + (P·M + Q)·p + 2·N·M·2L, P = largest pool in tuples (≥ ⌈pool_factor·N⌉ = "
+        "speakerid RSS/worker ≈ idle + (P·M + Q)·p + 3·N·M·2L, P = largest pool in tuples (≥ ⌈pool_factor·N⌉ = "
         f"{math.ceil(config.pool_factor * config.n_speakers)}; larger while the pool holds < N distinct speakers), "
         "Q = utterances waiting in partial M-tuples, p = 2L (wav: crop cut when parsed) or b̄ (flac: whole member "
         f"until emission); L={config.crop_samples}, M={config.utts_per_speaker}, N={config.n_speakers}, "

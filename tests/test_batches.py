@@ -28,7 +28,8 @@ from speakerid.data.lists import read_train_list, utterance_key
 from speakerid.data.pack import pack
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.shardset import ShardSet, assign_streams
-from speakerid.data.stages import Batcher, Utterance, batch_buffer
+from speakerid.data.loader import BUFFER_SLOTS
+from speakerid.data.stages import Batcher, Utterance
 from speakerid.errors import SpeakeridError
 from tests.conftest import REPO
 
@@ -132,19 +133,20 @@ def test_same_seed_same_stream_other_seed_other_stream(flac_shards):
     assert [x["keys"] for x in a] != [x["keys"] for x in c]
 
 
-class _BufferProbe(torch.utils.data.IterableDataset):
-    def __iter__(self):
-        yield {"shared": batch_buffer((2, 3)).is_shared()}
-
-
-def test_a_worker_fills_its_batch_in_shared_memory_and_sends_the_same_batches(wav_shards):
-    # torch copies a worker's private tensor into shared memory to send it; a batch born there is sent as is
-    in_worker = list(torch.utils.data.DataLoader(_BufferProbe(), batch_size=None, num_workers=1))
-    assert in_worker == [{"shared": True}] and not batch_buffer((2, 3)).is_shared()
+def test_a_worker_refills_a_batch_buffer_once_the_consumer_let_go_of_it_and_never_one_still_held(wav_shards):
     shards = ShardSet.open(wav_shards)
-    one_worker, main = take(train_loader(shards, CONFIG, workers=1), 6), take(train_loader(shards, CONFIG), 6)
-    assert [b["keys"] for b in one_worker] == [b["keys"] for b in main]  # one stream either way
-    assert all(torch.equal(a["audio"], b["audio"]) for a, b in zip(one_worker, main))
+    reference = [(b["keys"], b["audio"].clone()) for b in take(train_loader(shards, CONFIG), 40)]  # no workers
+    tickets, loader = [], iter(train_loader(shards, CONFIG, workers=1))  # one stream either way: same batches
+    for keys, audio in reference[:24]:  # each batch dropped before the next, as a training loop does
+        batch = next(loader)
+        assert batch["keys"] == keys and torch.equal(batch["audio"], audio)
+        tickets.append(tuple(batch["buffer"]))  # (the DataLoader hands tuples over as lists)
+        del batch
+    assert None not in tickets and len({ticket[:2] for ticket in tickets}) <= BUFFER_SLOTS  # slots reused
+    assert len({ticket[2] for ticket in tickets}) == 24  # each use its own token
+    kept = [next(loader) for _ in range(16)]  # a consumer that keeps its batches: none is overwritten
+    assert all(b["keys"] == keys and torch.equal(b["audio"], audio) for b, (keys, audio) in zip(kept, reference[24:]))
+    assert sum(b["buffer"] is None for b in kept) >= 16 - BUFFER_SLOTS  # fresh buffers once every slot is held
 
 
 @pytest.mark.parametrize("start", [0, 1, 5, 6])

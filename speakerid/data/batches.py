@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from speakerid.data.batch_config import BatchConfig
-from speakerid.data.loader import TrainLoader, forward_errors
+from speakerid.data.loader import BatchBuffers, TrainLoader, forward_errors
 from speakerid.data.shardio import Faults, ShardFailures, ShardUnavailable, Verified
 from speakerid.data.shardset import ShardSet, assign_streams
 from speakerid.data.stages import Batcher, Stage, apply_quota, group_tuples, interleave, parse, run_stages
@@ -98,6 +98,7 @@ class TrainStream:
     stream: int
     n_streams: int
     faults: Faults = field(default_factory=Faults)
+    buffers: BatchBuffers | None = None  # a DataLoader worker's reused batch tensors; None: a fresh one a batch
 
     def __post_init__(self) -> None:
         self.plan = plan_streams(self.shards.index, self.config, self.n_streams)[self.stream]
@@ -127,7 +128,7 @@ class TrainStream:
     def batches(self, skip: int = 0) -> Iterator[dict]:
         """Batches of this stream, the first ``skip`` drawn without decoding and not yielded."""
         failures = ShardFailures(self.config.shard_retries)  # failures in a row of a shard, across passes
-        batcher = Batcher(self.config, self.stream, self.faults, skip)  # its pool carries tuples across passes
+        batcher = Batcher(self.config, self.stream, self.faults, skip, self.buffers)  # its pool carries tuples across passes
         # local wav shards read whole (crc32-checked) once; later passes read only each crop's bytes
         verified = Verified("wav" if self.shards.encoding == "wav" else None)
         for pass_number in itertools.count():
@@ -164,6 +165,7 @@ class TrainBatches(torch.utils.data.IterableDataset):
         super().__init__()
         self.shards, self.config = shards, config
         self.rank, self.world_size, self.workers, self.start_batch = rank, world_size, workers, start_batch
+        self.buffer_tokens: torch.Tensor | None = None  # set by TrainLoader: its workers' batch-buffer slots
         self.n_streams = world_size * max(1, workers)
         for stream in range(rank * max(1, workers), (rank + 1) * max(1, workers)):
             TrainStream(shards, config, stream, self.n_streams)  # fail at start-up, not inside a worker
@@ -181,7 +183,11 @@ class TrainBatches(torch.utils.data.IterableDataset):
             raise SpeakeridError(f"TrainBatches was built for {self.workers} workers, the DataLoader has {n_workers}")
         worker = ((info.id if info else 0) + self.start_batch) % n_workers
         skip = max(0, math.ceil((self.start_batch - worker) / n_workers))
-        stream = TrainStream(self.shards, self.config, self.rank * n_workers + worker, self.n_streams)
+        tokens = self.buffer_tokens[info.id] if info is not None and self.buffer_tokens is not None else None
+        config = self.config
+        buffers = BatchBuffers((config.n_speakers, config.utts_per_speaker, config.read_samples), tokens,
+                               info.id if info else 0)
+        stream = TrainStream(self.shards, config, self.rank * n_workers + worker, self.n_streams, buffers=buffers)
         yield from forward_errors(stream.batches(skip))
 
 

@@ -21,6 +21,7 @@ import torch
 
 from speakerid.audio import read_crop, read_wav_crop_at
 from speakerid.data.index import member_intact
+from speakerid.data.loader import BatchBuffers
 from speakerid.data.shardio import (DEFAULT_IO_TIMEOUT, Faults, Located, ShardFailures, ShardUnavailable, Verified,
                                     read_shard)
 from speakerid.errors import SpeakeridError
@@ -185,10 +186,13 @@ class Batcher:
     the next. The first ``skip`` batches are drawn without decoding and not yielded (resume skips ahead this way).
     """
 
-    def __init__(self, config: BatchConfig, stream: int, faults: Faults, skip: int = 0) -> None:
+    def __init__(self, config: BatchConfig, stream: int, faults: Faults, skip: int = 0,
+                 buffers: BatchBuffers | None = None) -> None:
         self.config, self.stream, self.faults, self.skip = config, stream, faults, skip
         self.pool = Pool()
         self.drawn = 0
+        shape = (config.n_speakers, config.utts_per_speaker, config.read_samples)
+        self.buffers = buffers or BatchBuffers(shape)  # where a batch's crops are filled
 
     def __call__(self, tuples: Iterator[list[Utterance]], rng: np.random.Generator,
                  pass_number: int) -> Iterator[dict]:
@@ -228,9 +232,9 @@ class Batcher:
     def draw(self, rng: np.random.Generator, pass_number: int, decode: bool) -> dict | None:
         """One batch from the pool; None (the pool unchanged but for dropped tuples) when too few speakers decode."""
         pool = self.pool
-        n, m, length = self.config.n_speakers, self.config.utts_per_speaker, self.config.read_samples
+        n = self.config.n_speakers
         chosen: list[list[Utterance]] = []
-        audio = batch_buffer((n, m, length)) if decode else None
+        audio, ticket = self.buffers.take() if decode else (None, None)
         crops = audio.numpy() if decode else None
         for label in pool.draw_order(rng, pass_number):
             t = pool.pop(label)
@@ -246,9 +250,11 @@ class Batcher:
         if len(chosen) < n:  # undecodable members left too few speakers: put the good tuples back
             for t in chosen:
                 pool.put_back(t)
+            self.buffers.give_back(ticket)
             return None
         return {
             "audio": audio,
+            "buffer": ticket,  # (worker, slot, token) of a reused batch buffer, freed by the loader; or None
             "labels": torch.tensor([t[0].label for t in chosen], dtype=torch.long),
             "keys": [[u.key for u in t] for t in chosen],
             "tuple_passes": [t[0].pass_number for t in chosen],  # the pass each tuple was read in
@@ -256,13 +262,6 @@ class Batcher:
             "pass": pass_number,
             "faults": self.faults.as_dict(),
         }
-
-
-def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
-    """An int16 batch to fill: in a DataLoader worker, in shared memory from the start, so handing it to the
-    main process sends its name and copies nothing (torch copies a private tensor into shared memory first)."""
-    buffer = torch.empty(shape, dtype=torch.int16)
-    return buffer.share_memory_() if torch.utils.data.get_worker_info() is not None else buffer
 
 
 def run_stages(stages: list[Stage], source: Iterable) -> Iterator:
