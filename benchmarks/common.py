@@ -32,6 +32,7 @@ import torch
 from scipy import signal
 from torch.utils.flop_counter import FlopCounterMode
 
+import checkout  # noqa: F401 (this checkout's speakerid first on sys.path)
 from speakerid.data.lists import ListEntry, read_train_list, scan_audio_tree
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.synthetic import CorpusInfo, CorpusSpec, generate_corpus, speaker_params, synthesize_utterance

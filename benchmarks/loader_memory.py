@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import checkout  # noqa: F401 (this checkout's speakerid first on sys.path)
 from speakerid.data.batch_config import BatchConfig
 from speakerid.data.shardset import ShardSet
 
@@ -106,16 +107,20 @@ def replay_peaks(shards: ShardSet, config: BatchConfig, workers: int, n_batches:
         stock_add(self, t)
         peaks["pool"] = max(peaks["pool"], self.size)
 
-    def group(utterances, m):
-        state = {"in": 0, "out": 0}
+    def group(utterances, m, quota=None):
+        state = {"in": 0, "out": 0, "released": 0}
+        seen = {}
 
         def counted():
             for utt in utterances:
                 state["in"] += 1
-                peaks["partials"] = max(peaks["partials"], state["in"] - m * state["out"])
+                peaks["partials"] = max(peaks["partials"], state["in"] - m * state["out"] - state["released"])
                 yield utt
+                seen[utt.label] = seen.get(utt.label, 0) + 1
+                if quota is not None and seen[utt.label] == quota.get(utt.label, 0):  # its leftover let go
+                    state["released"] += quota[utt.label] % m
 
-        for t in stock_group(counted(), m):
+        for t in stock_group(counted(), m, quota):
             state["out"] += 1
             yield t
 
@@ -129,7 +134,10 @@ def replay_peaks(shards: ShardSet, config: BatchConfig, workers: int, n_batches:
     return peaks
 
 
-BATCH_BUFFERS = 3  # crops being filled + the previous batch + its shared-memory copy made by the queue's feeder thread
+# batches a worker keeps in shared memory: since issue 15 it reuses up to BUFFER_SLOTS = 4 (speakerid.data.loader),
+# about 3 touched at a time (the one being filled, the one queued, the one the consumer holds); the 2026-12-02 run
+# measured 298 MB against 298 with 3 (wav)
+BATCH_BUFFERS = 3
 
 
 def memory_model(config: BatchConfig, encoding: str, member_bytes: float, idle_mb: float, peaks: dict) -> dict:
@@ -139,7 +147,7 @@ def memory_model(config: BatchConfig, encoding: str, member_bytes: float, idle_m
       pool      P tuples × M utterances: P ≥ ⌈pool_factor·N⌉, and more while the pool holds < N distinct speakers
       partials  Q utterances waiting in group_tuples for the rest of their M-tuple
       payload   p = 2·L bytes (wav: the int16 crop is cut when parsed) | b̄ (flac: the whole member until emission)
-      batches   3 × N·M·2L (see BATCH_BUFFERS; measured with a worker that only yields ready batches)
+      batches   3 × N·M·2L (see BATCH_BUFFERS)
     """
     n, m, length = config.n_speakers, config.utts_per_speaker, config.crop_samples
     payload = 2 * length if encoding == "wav" else member_bytes

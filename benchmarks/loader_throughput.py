@@ -18,6 +18,12 @@ torch, numpy: what any worker costs before it reads anything).
 
     python benchmarks/loader_throughput.py [--speakers 300 --utts 24] [--workers 1 2] [--encodings wav flac]
                                            [--repeats 3] [--corpus DIR] [--json out.json] [--profile]
+                                           [--epochs 2] [--cold]
+
+``--epochs 2`` times speakerid's second epoch too (a local wav shard is crc32-checked whole in a stream's first
+pass, then read crop by crop): its "after the first batch" figure is then that of the later epochs. ``--cold``
+adds rows with the page cache dropped (as root: ``sync; echo 3 > /proc/sys/vm/drop_caches``) before each
+side's run and each epoch, where storage, not the CPU, is what one file per utterance pays for.
 
 Also printed: the DataLoader's own ceiling (workers that only hand over ready batches), and speakerid's
 per-worker memory from a formula over its data structures (pool and partial-tuple peaks replayed without
@@ -58,30 +64,65 @@ from speakerid.data.shardset import ShardSet
 # ------------------------------------------------------------------------------------------ measurements
 
 
-def time_epoch(loader, n_batches: int, workers: int, check) -> dict:
-    """Seconds from iter(loader) to the n-th batch received; crops counted; workers' memory at the end."""
+def drop_page_cache() -> str | None:
+    """Empty the kernel's page cache (``sync; echo 3 > /proc/sys/vm/drop_caches``); why not, when it cannot."""
+    if os.geteuid() != 0:
+        return "not root: /proc/sys/vm/drop_caches is writable by root only"
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as error:
+        return f"cannot drop the page cache: {error}"
+    return None
+
+
+def time_epoch(loader, n_batches: int, workers: int, check, epochs: int = 1, cold: bool = False) -> dict:
+    """Seconds from iter(loader) to the n-th batch received; crops counted; workers' memory at the end.
+
+    ``epochs`` > 1 (speakerid's endless loader): the same iterator goes on, and the figure after the first batch
+    is that of the epochs after the first. ``cold``: the page cache is dropped at every epoch's start (the
+    drop itself is not timed)."""
     gc.collect()
-    crops = 0
-    start = time.perf_counter()
+    crops, paused = 0, 0.0
+
+    def now() -> float:  # the clock without the page-cache drops
+        return time.perf_counter() - paused
+
+    if cold:
+        drop_page_cache()
+    start = now()
     it = iter(loader)
     first = None
-    for k in range(n_batches):
+    marks = []  # (time, crops) at each later epoch's start
+    for k in range(n_batches * epochs):
+        if k and k % n_batches == 0:
+            if cold:
+                t = time.perf_counter()
+                drop_page_cache()
+                paused += time.perf_counter() - t
+            marks.append((now(), crops))
         batch = next(it)
         if k == 0:
-            first = time.perf_counter() - start
+            first = now() - start
         crops += check(batch)
         del batch
-    seconds = time.perf_counter() - start
+    seconds = now() - start
     statuses = [proc_status(pid) for pid in children()] if workers else []
     if workers:
         shutdown(it)
     del it
     gc.collect()
     wait_children_gone()
+    if marks:  # the epochs after the first: what most of a training run is
+        end = start + seconds
+        steady = (crops - marks[0][1]) / (end - marks[0][0])
+    else:
+        steady = (crops - crops / n_batches) / (seconds - first) if n_batches > 1 else None
     return {
-        "seconds": seconds, "first_batch_s": first, "batches": n_batches, "crops": crops,
-        "crops_per_s": crops / seconds,
-        "steady_crops_per_s": (crops - crops / n_batches) / (seconds - first) if n_batches > 1 else None,
+        "seconds": seconds, "first_batch_s": first, "batches": n_batches, "epochs": epochs, "crops": crops,
+        "crops_per_s": crops / seconds, "first_epoch_crops_per_s": (marks[0][1] / (marks[0][0] - start) if marks
+                                                                    else crops / seconds),
+        "steady_crops_per_s": steady,
         "worker_hwm_mb": [s.get("VmHWM", 0) / MB for s in statuses],
         "worker_rss_end_mb": [s.get("VmRSS", 0) / MB for s in statuses],
         "worker_anon_end_mb": [s.get("RssAnon", 0) / MB for s in statuses],
@@ -113,15 +154,18 @@ def check_baseline(config: BatchConfig):
 
 
 class _ReadyBatches(torch.utils.data.IterableDataset):
-    """A worker that only copies a ready (N, M, L) batch and sends it: the DataLoader's own cost."""
+    """A worker that only copies a ready (N, M, L) batch into a fresh shared-memory tensor and sends it: the
+    DataLoader's own cost for a new batch (a private tensor would be copied into shared memory once more)."""
 
     def __init__(self, shape: tuple[int, int, int], dtype) -> None:
         self.shape, self.dtype = shape, dtype
 
     def __iter__(self):
-        source = np.ones(self.shape, dtype=self.dtype)
+        source = torch.from_numpy(np.ones(self.shape, dtype=self.dtype))
         while True:
-            yield {"audio": torch.from_numpy(source.copy())}
+            batch = torch.empty(self.shape, dtype=source.dtype).share_memory_()
+            batch.copy_(source)
+            yield {"audio": batch}
 
 
 def transport_ceiling(config: BatchConfig, workers: int, dtype, batches: int = 64) -> float:
@@ -213,6 +257,12 @@ def main() -> None:
     parser.add_argument("--max-frames", type=int, default=200)
     parser.add_argument("--chunk-size", type=int, default=4)
     parser.add_argument("--shard-mb", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=1,
+                        help="speakerid epochs per timed run; > 1: its figure after the first batch is that of the "
+                             "later epochs (local wav shards: crop-only reads once the first pass checked them)")
+    parser.add_argument("--cold", action="store_true",
+                        help="also rows with the page cache dropped before each side's run and each epoch (root only; "
+                             "skipped with the reason otherwise)")
     parser.add_argument("--profile", action="store_true", help="also cProfile speakerid's reader with workers=0")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -253,53 +303,69 @@ def main() -> None:
                                      for name, dtype in (("int16", np.int16), ("float32", np.float32))}
 
     rows = []
-    for encoding in args.encodings:
+    cold_skipped = None
+    storages = ["warm"]
+    if args.cold:
+        cold_skipped = drop_page_cache()
+        if cold_skipped:
+            console.print(f"cold-storage rows skipped: {cold_skipped}")
+        else:
+            storages.append("cold")
+    for storage, encoding, workers in ((st, e, w) for st in storages for e in args.encodings for w in args.workers):
+        cold = storage == "cold"
         shards = shard_sets[encoding]
-        for workers in args.workers:
-            with console.status(f"{encoding}, {workers} worker(s) …"):
-                idle = idle_worker_rss(workers) / MB if workers else 0.0
-                sid_runs, base_runs = [], []
-                for _ in range(args.repeats):
-                    loader = train_loader(shards, config, workers=workers)
-                    n_sid = loader.dataset.batches_per_epoch
-                    sid_runs.append(time_epoch(loader, n_sid, workers, check_speakerid(config)))
-                    del loader
-                    base_loader, sampler = seed_loader(corpus.paths, corpus.labels, config.crop_samples,
-                                                       config.n_speakers, config.utts_per_speaker,
-                                                       config.max_seg_per_spk, config.seed, workers)
-                    n_base = len(sampler) // config.n_speakers
-                    base_runs.append(time_epoch(base_loader, n_base, workers, check_baseline(config)))
-                    del base_loader
-            sid, base = best(sid_runs), best(base_runs)
-            rows.append({"encoding": encoding, "workers": workers, "speakerid": sid, "baseline": base,
-                         "speakerid_runs": sid_runs, "baseline_runs": base_runs,
-                         "ratio": sid["crops_per_s"] / base["crops_per_s"],
-                         "steady_ratio": (sid["steady_crops_per_s"] / base["steady_crops_per_s"]
-                                          if sid["steady_crops_per_s"] and base["steady_crops_per_s"] else None),
-                         "idle_worker_mb": idle, "shards": len(shards), "mean_member_bytes": member_bytes[encoding],
-                         # an epoch reads each shard at most once, so its crops at page-cache read speed:
-                         "page_cache_crops_per_s": sid["crops"] / shard_read_s[encoding],
-                         "shard_read_mb_per_s": sum(Path(u).stat().st_size for u in shards.urls) / MB
-                         / shard_read_s[encoding]})
+        if not cold:
+            cat_seconds(inputs + [Path(u) for u in shards.urls])  # warm again after the cold rows' drops
+        with console.status(f"{storage}, {encoding}, {workers} worker(s) …"):
+            idle = idle_worker_rss(workers) / MB if workers else 0.0
+            sid_runs, base_runs = [], []
+            for _ in range(args.repeats):
+                loader = train_loader(shards, config, workers=workers)
+                n_sid = loader.dataset.batches_per_epoch
+                sid_runs.append(time_epoch(loader, n_sid, workers, check_speakerid(config), args.epochs, cold))
+                del loader
+                base_loader, sampler = seed_loader(corpus.paths, corpus.labels, config.crop_samples,
+                                                   config.n_speakers, config.utts_per_speaker,
+                                                   config.max_seg_per_spk, config.seed, workers)
+                n_base = len(sampler) // config.n_speakers
+                base_runs.append(time_epoch(base_loader, n_base, workers, check_baseline(config), cold=cold))
+                del base_loader
+        sid, base = best(sid_runs), best(base_runs)
+        rows.append({"encoding": encoding, "workers": workers, "storage": storage, "speakerid": sid,
+                     "baseline": base,
+                     "speakerid_runs": sid_runs, "baseline_runs": base_runs,
+                     "ratio": sid["crops_per_s"] / base["crops_per_s"],
+                     "steady_ratio": (sid["steady_crops_per_s"] / base["steady_crops_per_s"]
+                                      if sid["steady_crops_per_s"] and base["steady_crops_per_s"] else None),
+                     "idle_worker_mb": idle, "shards": len(shards), "mean_member_bytes": member_bytes[encoding],
+                     # an epoch reads each shard at most once, so its crops at page-cache read speed:
+                     "page_cache_crops_per_s": sid["crops"] / sid["epochs"] / shard_read_s[encoding],
+                     "shard_read_mb_per_s": sum(Path(u).stat().st_size for u in shards.urls) / MB
+                     / shard_read_s[encoding]})
     # After every timed run: the replay grows this process, and workers forked later would inherit that.
     with console.status("replaying the streams for the memory formula …"):
-        for r in rows:
-            r["peaks"] = replay_peaks(shard_sets[r["encoding"]], config, r["workers"], r["speakerid"]["batches"])
-            r["memory_model"] = memory_model(config, r["encoding"], r["mean_member_bytes"], r["idle_worker_mb"],
-                                             r["peaks"])
+        models = {}
+        for r in rows:  # the same streams warm or cold: replayed once
+            if (r["encoding"], r["workers"]) not in models:
+                peaks = replay_peaks(shard_sets[r["encoding"]], config, r["workers"], r["speakerid"]["batches"])
+                models[r["encoding"], r["workers"]] = peaks, memory_model(
+                    config, r["encoding"], r["mean_member_bytes"], r["idle_worker_mb"], peaks)
+            r["peaks"], r["memory_model"] = models[r["encoding"], r["workers"]]
 
     title = (f"loader throughput, one epoch: N={config.n_speakers} × M={config.utts_per_speaker} crops of "
              f"{config.crop_samples} samples; {len(inputs)} utterances of {n_speakers} speakers, "
-             f"{input_mb:.0f} MB of wav, {corpus.info.train_hours:.1f} h (page cache warm; best of {args.repeats})")
+             f"{input_mb:.0f} MB of wav, {corpus.info.train_hours:.1f} h (page cache warm, or dropped before each run and "
+             f"epoch: cold; speakerid epochs per run {args.epochs}; best of {args.repeats})")
     table = Table(title=title)
-    for column in ("encoding", "workers", "batches sid/base", "speakerid crops/s", "baseline crops/s", "ratio",
-                   "ratio after 1st batch", "1st batch s sid/base", "peak RSS/worker sid", "formula sid",
+    for column in ("page cache", "encoding", "workers", "batches sid/base", "speakerid crops/s", "baseline crops/s", "ratio",
+                   "ratio after 1st batch" if args.epochs == 1 else f"ratio, sid epochs 2–{args.epochs}",
+                   "1st batch s sid/base", "peak RSS/worker sid", "formula sid",
                    "peak RSS/worker base", "idle worker"):
         table.add_column(column, justify="right")
     for r in rows:
         sid, base = r["speakerid"], r["baseline"]
         table.add_row(
-            r["encoding"], str(r["workers"]), f"{sid['batches']}/{base['batches']}", f"{sid['crops_per_s']:.0f}",
+            r["storage"], r["encoding"], str(r["workers"]), f"{sid['batches']}/{base['batches']}", f"{sid['crops_per_s']:.0f}",
             f"{base['crops_per_s']:.0f}", f"{r['ratio']:.2f}×",
             f"{r['steady_ratio']:.2f}×" if r["steady_ratio"] else "-",
             f"{sid['first_batch_s']:.2f}/{base['first_batch_s']:.2f}",
@@ -312,7 +378,7 @@ def main() -> None:
         "and repeats); idle = a worker of an empty DataLoader.")
     console.print("page-cache read of the shards (the physical limit), crops/s: "
                   + "; ".join(f"{r['encoding']} ×{r['workers']}: {r['page_cache_crops_per_s']:.0f} "
-                              f"({r['shard_read_mb_per_s']:.0f} MB/s)" for r in rows))
+                              f"({r['shard_read_mb_per_s']:.0f} MB/s)" for r in rows if r["storage"] == "warm"))
     if ceilings:
         console.print("DataLoader transport ceiling (workers only copy and hand over a ready (N, M, L) batch), crops/s: "
                       + "; ".join(f"{w} worker(s): int16 {c['int16']:.0f}, float32 {c['float32']:.0f}"
@@ -348,7 +414,8 @@ def main() -> None:
             "config": {"n_speakers": config.n_speakers, "utts_per_speaker": config.utts_per_speaker,
                        "crop_samples": config.crop_samples, "pool_factor": config.pool_factor,
                        "open_shards": config.open_shards, "speakers": n_speakers, "utterances": len(inputs),
-                       "input_mb": input_mb, "hours": corpus.info.train_hours, "repeats": args.repeats},
+                       "input_mb": input_mb, "hours": corpus.info.train_hours, "repeats": args.repeats,
+                       "epochs": args.epochs, "cold_skipped": cold_skipped},
             "preparation_s": prep, "transport_ceiling_crops_per_s": ceilings, "rows": rows, "profiles": profiles,
         }, indent=1))
     shutil.rmtree(scratch, ignore_errors=True)  # a --corpus given by the user lies outside it and is kept

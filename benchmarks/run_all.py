@@ -80,7 +80,7 @@ def steps(device: str, out: Path, smoke: bool = False) -> list[tuple[str, list[s
     return [
         ("shardify", ["shardify_throughput.py", "--speakers", "60", "--utts", "20", "--workers", "2"]),
         ("loader", ["loader_throughput.py", "--speakers", "300", "--utts", "16", "-n", "100", "--encodings", "wav",
-                    "--workers", "2", "--repeats", "2", "--corpus", str(out / "loader-corpus")]),
+                    "--workers", "2", "--repeats", "2", "--epochs", "2", "--cold", "--corpus", str(out / "loader-corpus")]),
         ("model", ["model_throughput.py", "--models", "ResNetSE34L", "--batch", "32", "--steps", "3"]),
         ("train", ["train_throughput.py", "--steps", "12", "--warmup", "3", "--repeats", "2", "--corpus-speakers", "48",
                    "--corpus-utts", "24", "--corpus", str(out / "train-corpus")]),
@@ -111,6 +111,7 @@ def loader_rows(figures: dict) -> list[Row]:
         # of batches, so the workers' start-up (in the benchmark's own whole-epoch figures) does not count there
         sid, base = r["speakerid"]["steady_crops_per_s"], r["baseline"]["steady_crops_per_s"]
         rows.append(Row(f"loader, {r['encoding']} shards, {r['workers']} workers, "
+                        + ("page cache dropped, " if r.get("storage") == "cold" else "") +
                         f"N={config['n_speakers']}×M={config['utts_per_speaker']}",
                         "crops/s (2-s crops) after the first batch", sid, base, sid / base, limit, what, sid / limit))
     return rows

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -201,6 +202,45 @@ def encode(samples: np.ndarray, sample_rate: int, encoding: str) -> bytes:
     return buffer.getvalue()
 
 
+def wav_header(n_samples: int, sample_rate: int) -> bytes:
+    """The 44-byte header ``encode(…, "wav")`` writes for ``n_samples`` of 16-bit PCM mono."""
+    n_bytes = 2 * n_samples
+    return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + n_bytes, b"WAVE", b"fmt ", 16, 1, 1, sample_rate,
+                       2 * sample_rate, 2, 16, b"data", n_bytes)
+
+
+def canonical_pcm(data: bytes, sample_rate: int) -> memoryview | None:
+    """The PCM bytes of a wav file that ``read_audio`` would return unchanged, or None for anything else.
+
+    Canonical: RIFF/WAVE, a plain PCM fmt chunk (format 1, not extensible) with 1 channel of 16 bits at
+    ``sample_rate``, and a complete data chunk of whole samples. What follows the data chunk (a LIST chunk,
+    trailing bytes) is left out, as libsndfile leaves it out. Anything else (other rates, stereo, 24-bit,
+    float, a truncated or odd data chunk, a header it cannot follow) is None: decode it, which also gives the
+    error such a file deserves.
+    """
+    view = memoryview(data)
+    if len(view) < 12 or view[0:4] != b"RIFF" or view[8:12] != b"WAVE":
+        return None
+    riff_end = 8 + int.from_bytes(view[4:8], "little")  # a data chunk past it: let libsndfile judge the file
+    fmt_ok, position = False, 12
+    while position + 8 <= len(view):
+        chunk, size = view[position:position + 4], int.from_bytes(view[position + 4:position + 8], "little")
+        position += 8
+        if chunk == b"fmt ":
+            if size not in (16, 18) or position + 16 > len(view):
+                return None
+            tag, channels, rate, byte_rate, align, bits = struct.unpack_from("<HHIIHH", view, position)
+            fmt_ok = (tag, channels, rate, byte_rate, align, bits) == (1, 1, sample_rate, 2 * sample_rate, 2, 16)
+            if not fmt_ok:
+                return None
+        elif chunk == b"data":
+            if not fmt_ok or size % 2 or position + size > min(len(view), riff_end):
+                return None
+            return view[position:position + size]
+        position += size + (size & 1)
+    return None
+
+
 def decode(data: bytes) -> tuple[np.ndarray, int]:
     """The bytes of a shard member (wav or flac) → (int16 samples, sample rate)."""
     samples, rate = soundfile.read(io.BytesIO(data), dtype="int16")
@@ -224,25 +264,36 @@ def wrap_pad(samples: np.ndarray, crop_samples: int) -> np.ndarray:
     return np.pad(samples, (0, crop_samples + 1 - len(samples)), mode="wrap")
 
 
-def wav_pcm(data: bytes | memoryview) -> memoryview:
-    """The 16-bit PCM payload of a RIFF/WAVE member as an int16 view, without copying or decoding."""
-    view = memoryview(data)
-    if bytes(view[0:4]) != b"RIFF" or bytes(view[8:12]) != b"WAVE":
+def wav_data_span(head: bytes | memoryview, size: int) -> tuple[int, int] | None:
+    """(byte offset, byte length) of the 16-bit PCM in a RIFF/WAVE member of ``size`` bytes beginning with
+    ``head``; None when its chunks before the data run past ``head`` (read more of the member)."""
+    view = memoryview(head)
+    if len(view) < 12 or bytes(view[0:4]) != b"RIFF" or bytes(view[8:12]) != b"WAVE":
         raise ValueError("not a RIFF/WAVE member")
     position = 12
-    while position + 8 <= len(view):
-        chunk, size = bytes(view[position:position + 4]), int.from_bytes(view[position + 4:position + 8], "little")
+    while position + 8 <= size:
+        if position + 24 > len(view) and len(view) < size:
+            return None
+        chunk, length = bytes(view[position:position + 4]), int.from_bytes(view[position + 4:position + 8], "little")
         position += 8
         if chunk == b"fmt ":
             audio_format, _, _, _, _, bits = np.frombuffer(view[position:position + 16], dtype="<u2", count=8)[[0, 1, 2, 3, 6, 7]]
             if audio_format != 1 or bits != 16:
                 raise ValueError("wav member is not 16-bit PCM")
         elif chunk == b"data":
-            end = min(position + size, len(view))
+            end = min(position + length, size)
             end -= (end - position) % 2
-            return view[position:end].cast("h") if np.little_endian else np.frombuffer(view[position:end], "<i2")
-        position += size + (size & 1)
+            return position, end - position
+        position += length + (length & 1)
     raise ValueError("wav member has no data chunk")
+
+
+def wav_pcm(data: bytes | memoryview) -> memoryview:
+    """The 16-bit PCM payload of a RIFF/WAVE member as an int16 view, without copying or decoding."""
+    view = memoryview(data)
+    start, length = wav_data_span(view, len(view))
+    pcm = view[start:start + length]
+    return pcm.cast("h") if np.little_endian else np.frombuffer(pcm, "<i2")
 
 
 def read_crop(data: bytes, encoding: str, n_samples: int, crop_samples: int, u: float) -> np.ndarray:
@@ -262,3 +313,20 @@ def read_crop(data: bytes, encoding: str, n_samples: int, crop_samples: int, u: 
     if len(crop) != crop_samples:
         raise ValueError(f"flac member decodes to fewer samples than its json says ({n_samples})")
     return crop
+
+
+def read_wav_crop_at(fd: int, offset: int, size: int, n_samples: int, crop_samples: int, u: float) -> np.ndarray:
+    """:func:`read_crop` of a wav member lying at ``offset`` in the open file ``fd``, reading only its header and
+    the crop's bytes (the whole member when it is shorter than the crop). Same crop, same errors."""
+    if n_samples <= crop_samples:
+        return read_crop(os.pread(fd, size, offset), "wav", n_samples, crop_samples, u)
+    span = wav_data_span(os.pread(fd, min(size, 4096), offset), size)
+    if span is None:  # chunks before the audio larger than 4 kB: parse the whole member's header
+        span = wav_data_span(os.pread(fd, size, offset), size)
+    start = crop_start(n_samples, crop_samples, u)
+    if span[1] // 2 < start + crop_samples:
+        raise ValueError(f"wav member holds {span[1] // 2} samples, its json says {n_samples}")
+    crop = np.empty(crop_samples, dtype="<i2")
+    if os.preadv(fd, [crop], offset + span[0] + 2 * start) != 2 * crop_samples:
+        raise ValueError("wav member ends before its crop: the shard is shorter than its header says")
+    return crop.astype(np.int16, copy=False)

@@ -39,3 +39,14 @@ def run_module(module: str, *args, check: bool = True, env: dict | None = None, 
 @pytest.fixture
 def shardify():
     return lambda *args, **kw: run_module("shardify", *args, **kw)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests (their timings and results do not depend on the cores' load)."""
+    import torch  # noqa: PLC0415 (only the modules that ask for it pay its import here)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -28,6 +28,7 @@ from speakerid.data.lists import read_train_list, utterance_key
 from speakerid.data.pack import pack
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.shardset import ShardSet, assign_streams
+from speakerid.data.loader import BUFFER_SLOTS
 from speakerid.data.stages import Batcher, Utterance
 from speakerid.errors import SpeakeridError
 from tests.conftest import REPO
@@ -130,6 +131,22 @@ def test_same_seed_same_stream_other_seed_other_stream(flac_shards):
     assert [x["keys"] for x in a] == [x["keys"] for x in b]
     assert all(torch.equal(x["audio"], y["audio"]) for x, y in zip(a, b))
     assert [x["keys"] for x in a] != [x["keys"] for x in c]
+
+
+def test_a_worker_refills_a_batch_buffer_once_the_consumer_let_go_of_it_and_never_one_still_held(wav_shards):
+    shards = ShardSet.open(wav_shards)
+    reference = [(b["keys"], b["audio"].clone()) for b in take(train_loader(shards, CONFIG), 40)]  # no workers
+    tickets, loader = [], iter(train_loader(shards, CONFIG, workers=1))  # one stream either way: same batches
+    for keys, audio in reference[:24]:  # each batch dropped before the next, as a training loop does
+        batch = next(loader)
+        assert batch["keys"] == keys and torch.equal(batch["audio"], audio)
+        tickets.append(tuple(batch["buffer"]))  # (the DataLoader hands tuples over as lists)
+        del batch
+    assert None not in tickets and len({ticket[:2] for ticket in tickets}) <= BUFFER_SLOTS  # slots reused
+    assert len({ticket[2] for ticket in tickets}) == 24  # each use its own token
+    kept = [next(loader) for _ in range(16)]  # a consumer that keeps its batches: none is overwritten
+    assert all(b["keys"] == keys and torch.equal(b["audio"], audio) for b, (keys, audio) in zip(kept, reference[24:]))
+    assert sum(b["buffer"] is None for b in kept) >= 16 - BUFFER_SLOTS  # fresh buffers once every slot is held
 
 
 @pytest.mark.parametrize("start", [0, 1, 5, 6])
@@ -289,3 +306,57 @@ def test_every_undecodable_member_of_a_tuple_is_counted(flac_shards):
     pool.add([Utterance(f"bad/{j}", 7, 99999, 0.5, b"not a flac file", 0) for j in range(2)])
     assert batcher.draw(np.random.default_rng(0), 0, decode=True) is None  # 3 good speakers < N = 4
     assert stream.faults.corrupt_members == 2 and pool.size == 3  # both bad members counted, good tuples kept
+
+
+# ------------------------------------------------------------------------------------ crop-only wav reads
+
+
+@pytest.mark.parametrize("max_frames", [40, 300])  # 300: crops of 3 s, longer than some utterances (wrap-padded)
+def test_later_passes_read_only_the_crops_of_local_wav_shards_and_give_the_same_batches(
+        wav_shards, tmp_path, monkeypatch, max_frames):
+    """Local shards read whole once are then read crop by crop; a pipe: stream reads them whole every pass."""
+    from speakerid.data import stages
+    from tests.test_reader_faults import flip_pcm_byte
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(wav_shards, damaged)
+    flip_pcm_byte(damaged / "train-000001.tar")  # a crc32 failure met in every pass, counted in each
+    config = BatchConfig(n_speakers=4, utts_per_speaker=2, max_frames=max_frames, open_shards=2, seed=3)
+    calls = []
+    monkeypatch.setattr(stages, "read_wav_crop_at", lambda *a: calls.append(a) or stages_read(*a))
+    stages_read = __import__("speakerid.audio", fromlist=["read_wav_crop_at"]).read_wav_crop_at
+    local = ShardSet.open(damaged)
+    piped = ShardSet.open(damaged, urls=[f"pipe:cat {u}" for u in local.urls])
+    whole = list(itertools.islice(TrainStream(piped, config, 0, 1).batches(), 30))
+    assert not calls
+    cropped = list(itertools.islice(TrainStream(local, config, 0, 1).batches(), 30))
+    assert whole[-1]["pass"] >= 2 and len(calls) > 0
+    assert [b["keys"] for b in cropped] == [b["keys"] for b in whole]
+    assert [b["faults"] for b in cropped] == [b["faults"] for b in whole]
+    assert whole[-1]["faults"]["corrupt_members"] >= 3  # once a pass
+    assert all(torch.equal(a["audio"], b["audio"]) for a, b in zip(cropped, whole))
+    resumed = list(itertools.islice(TrainStream(local, config, 0, 1).batches(skip=20), 10))
+    assert all(torch.equal(a["audio"], b["audio"]) for a, b in zip(resumed, whole[20:]))
+    assert [b["faults"] for b in resumed] == [b["faults"] for b in whole[20:]]
+
+
+def test_a_speakers_leftover_is_let_go_once_its_last_utterance_of_the_pass_has_come():
+    """M = 2 and 3 utterances of speaker 0 in this pass: the third can never make a tuple and is not held."""
+    import gc
+    import weakref
+
+    from speakerid.data.stages import group_tuples
+
+    made = {}
+
+    def utterances():  # made one at a time, as parse does: nothing else holds them
+        for label, i in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3)]:
+            utt = Utterance(f"s{label}/{i}", label, 99999, 0.5, np.zeros(10, np.int16), 0)
+            made[utt.key] = weakref.ref(utt)
+            yield utt
+
+    tuples = group_tuples(utterances(), 2, quota={0: 3, 1: 4})
+    assert [[u.key for u in t] for t in itertools.islice(tuples, 2)] == [["s0/0", "s0/1"], ["s1/0", "s1/1"]]
+    gc.collect()
+    assert made["s0/2"]() is None
+    assert [[u.key for u in t] for t in tuples] == [["s1/2", "s1/3"]]

@@ -38,12 +38,7 @@ FAST = ["--workers", "0"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the test machine's cores are shared: spinning OpenMP threads crawl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def demo_model(seed: int = 0) -> torch.nn.Module:

@@ -34,12 +34,7 @@ CHECK_SECONDS = (0.5, 1.3, 3.0)  # the export's own check; the test compares at 
 TEST_SAMPLES = (11_200, 27_520, 40_000)  # 0.7 s, 1.72 s, 2.5 s: none is the traced 2 s
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def save_checkpoint(directory, name: str, options: dict, model: nn.Module | None = None):

@@ -167,3 +167,63 @@ def test_bad_shapes_and_options(data):
         subtract_mean(data["emb"], np.zeros(D + 1))
     with pytest.raises(SpeakeridError, match=r"the cohort must have shape \(K, D\) or \(K, C, D\)"):
         cohort_mean(np.zeros(D))
+
+
+def test_as_norm_statistics_once_for_all_lists(monkeypatch):
+    """O- and E-like lists sharing most utterances: each utterance's top-k statistics are computed once for
+    both lists, and the scores equal each list's own AS-Norm computation (to 1e-6 of float32 scores: the
+    union is cut into other matrix-product chunks than each list alone)."""
+    from pathlib import Path
+
+    from speakerid.data.lists import Trial
+    from speakerid.evaluation import scoring
+    from speakerid.evaluation.embeddings import Embeddings
+    from speakerid.evaluation.scoring import ScoreConfig, score_trials, speaker_means
+    from speakerid.evaluation.trials import TrialList
+
+    rng = np.random.default_rng(1)
+    keys = [f"id{i // 4:05d}/v/{i:05d}" for i in range(60)]
+    emb = Embeddings(keys, rng.normal(size=(60, 1, D)).astype(np.float32))
+    cohort = Embeddings([f"c{i // 2:03d}/v/{i:05d}" for i in range(40)], rng.normal(size=(40, 1, D)).astype(np.float32),
+                        [f"c{i // 2:03d}" for i in range(40)])
+
+    def trial_list(name, rows):
+        return TrialList(name, Path(name), [Trial(int(i % 2), f"{keys[a]}.wav", f"{keys[b]}.wav", f"{name}:{i}")
+                                            for i, (a, b) in enumerate(rows)])
+
+    o_rows = rng.integers(0, 40, size=(50, 2))  # O: utterances 0–39; E: 10–59, mostly O's
+    e_rows = rng.integers(10, 60, size=(80, 2))
+    rows_seen = []
+    real = scoring._cohort_stats
+    monkeypatch.setattr(scoring, "_cohort_stats", lambda emb_n, *a: rows_seen.append(len(emb_n)) or real(emb_n, *a))
+    config = ScoreConfig(cohort="shards", as_norm=True, top_k=5)
+    both = score_trials(emb, [trial_list("O", o_rows), trial_list("E", e_rows)], cohort=cohort, scoring=config)
+    union = len(np.unique(np.concatenate([o_rows.ravel(), e_rows.ravel()])))
+    assert sum(rows_seen) == union  # once per utterance, not once per utterance and list
+    means = speaker_means(cohort)
+    for rows, scores in zip((o_rows, e_rows), both):
+        alone = as_norm(emb.values[:, 0], rows, means, top_k=5)
+        np.testing.assert_allclose(scores, alone, rtol=0, atol=1e-6)
+
+
+def test_score_trials_names_each_utterance_once(monkeypatch):
+    """Trial lists name each utterance many times (E: 579,818 trials over 145,375): its key is made once."""
+    from pathlib import Path
+
+    from speakerid.data.lists import Trial
+    from speakerid.evaluation import scoring
+    from speakerid.evaluation.embeddings import Embeddings
+    from speakerid.evaluation.scoring import score_trials
+    from speakerid.evaluation.trials import TrialList
+
+    keys = [f"id0000{i}/v/00001" for i in range(4)]
+    emb = Embeddings(keys, np.random.default_rng(2).normal(size=(4, 1, D)).astype(np.float32))
+    rows = [(a, b) for a in range(4) for b in range(4)]
+    lists = [TrialList(name, Path(name), [Trial(1, f"{keys[a]}.wav", f"{keys[b]}.wav", f"{name}:{i}")
+                                          for i, (a, b) in enumerate(rows)]) for name in ("O", "E")]
+    made = []
+    real = scoring.utterance_key
+    monkeypatch.setattr(scoring, "utterance_key", lambda relpath: made.append(relpath) or real(relpath))
+    scores = score_trials(emb, lists)
+    assert sorted(made) == sorted(f"{k}.wav" for k in keys)
+    np.testing.assert_allclose(scores[0], cosine_scores(emb.values[:, 0], rows), atol=0)

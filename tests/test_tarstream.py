@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 
 import numpy as np
 import pytest
 
-from speakerid.data.tarstream import TarError, iter_tar
+from speakerid.data.tarstream import TarError, iter_tar, iter_tar_offsets
 
 
 def _archive(fmt: int) -> tuple[bytes, list[tuple[str, bytes]]]:
@@ -65,3 +66,16 @@ def test_truncation_and_damage_are_errors():
     damaged[10] ^= 0xFF  # inside the name field of the first header
     with pytest.raises(TarError, match="checksum"):
         list(iter_tar(io.BytesIO(bytes(damaged))))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_offsets_of_a_local_file_locate_every_member(fmt, tmp_path):
+    data, expected = _archive(fmt)
+    path = tmp_path / "shard.tar"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        found = [(name, data[offset:offset + size]) for name, offset, size in iter_tar_offsets(fd)]
+    finally:
+        os.close(fd)
+    assert found == expected

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from speakerid.data.batch_config import BatchConfig
-from speakerid.data.loader import TrainLoader, forward_errors
-from speakerid.data.shardio import Faults, ShardFailures, ShardUnavailable
+from speakerid.data.loader import BatchBuffers, TrainLoader, forward_errors
+from speakerid.data.shardio import Faults, ShardFailures, ShardUnavailable, Verified
 from speakerid.data.shardset import ShardSet, assign_streams
 from speakerid.data.stages import Batcher, Stage, apply_quota, group_tuples, interleave, parse, run_stages
 from speakerid.errors import SpeakeridError
@@ -98,6 +98,7 @@ class TrainStream:
     stream: int
     n_streams: int
     faults: Faults = field(default_factory=Faults)
+    buffers: BatchBuffers | None = None  # a DataLoader worker's reused batch tensors; None: a fresh one a batch
 
     def __post_init__(self) -> None:
         self.plan = plan_streams(self.shards.index, self.config, self.n_streams)[self.stream]
@@ -109,30 +110,32 @@ class TrainStream:
             )
 
     def stages(self, rng: np.random.Generator, pass_number: int, failures: ShardFailures,
-               batcher: Batcher) -> list[Stage]:
+               batcher: Batcher, verified: Verified | None = None) -> list[Stage]:
         """One pass of the reader, in order: each stage takes what the one above it yields; add a stage here."""
         config, faults = self.config, self.faults
         return [
             # shard URLs → samples, from up to open_shards shards at once (a random one each time)
             partial(interleave, open_shards=config.open_shards, rng=rng, faults=faults, failures=failures,
-                    io_timeout=self.shards.io_timeout),
+                    io_timeout=self.shards.io_timeout, verified=verified),
             # → Utterance (a wav crop is cut here, a flac member waits for emission)
             partial(parse, encoding=self.shards.encoding, crop_samples=config.read_samples, rng=rng,
                     pass_number=pass_number, faults=faults),
             partial(apply_quota, quota=self.plan.quota),  # at most max_seg_per_spk utterances of a speaker
-            partial(group_tuples, m=config.utts_per_speaker),  # → M-tuples of one speaker
+            partial(group_tuples, m=config.utts_per_speaker, quota=self.plan.quota),  # → M-tuples of one speaker
             partial(batcher, rng=rng, pass_number=pass_number),  # → pool → batches of N speakers, crops decoded
         ]
 
     def batches(self, skip: int = 0) -> Iterator[dict]:
         """Batches of this stream, the first ``skip`` drawn without decoding and not yielded."""
         failures = ShardFailures(self.config.shard_retries)  # failures in a row of a shard, across passes
-        batcher = Batcher(self.config, self.stream, self.faults, skip)  # its pool carries tuples across passes
+        batcher = Batcher(self.config, self.stream, self.faults, skip, self.buffers)  # its pool carries tuples across passes
+        # local wav shards read whole (crc32-checked) once; later passes read only each crop's bytes
+        verified = Verified("wav" if self.shards.encoding == "wav" else None)
         for pass_number in itertools.count():
             rng = np.random.default_rng([self.config.seed, self.stream, self.n_streams, pass_number])
             urls = [self.shards.urls[i] for i in rng.permutation(self.plan.shards)]
             drawn = batcher.drawn
-            yield from run_stages(self.stages(rng, pass_number, failures, batcher), urls)
+            yield from run_stages(self.stages(rng, pass_number, failures, batcher, verified), urls)
             if batcher.drawn == drawn:  # a whole readable pass always gives a batch: without one, the next would not either
                 self._no_batch_in_a_pass(urls, failures.last)
 
@@ -162,6 +165,7 @@ class TrainBatches(torch.utils.data.IterableDataset):
         super().__init__()
         self.shards, self.config = shards, config
         self.rank, self.world_size, self.workers, self.start_batch = rank, world_size, workers, start_batch
+        self.buffer_tokens: torch.Tensor | None = None  # set by TrainLoader: its workers' batch-buffer slots
         self.n_streams = world_size * max(1, workers)
         for stream in range(rank * max(1, workers), (rank + 1) * max(1, workers)):
             TrainStream(shards, config, stream, self.n_streams)  # fail at start-up, not inside a worker
@@ -179,7 +183,11 @@ class TrainBatches(torch.utils.data.IterableDataset):
             raise SpeakeridError(f"TrainBatches was built for {self.workers} workers, the DataLoader has {n_workers}")
         worker = ((info.id if info else 0) + self.start_batch) % n_workers
         skip = max(0, math.ceil((self.start_batch - worker) / n_workers))
-        stream = TrainStream(self.shards, self.config, self.rank * n_workers + worker, self.n_streams)
+        tokens = self.buffer_tokens[info.id] if info is not None and self.buffer_tokens is not None else None
+        config = self.config
+        buffers = BatchBuffers((config.n_speakers, config.utts_per_speaker, config.read_samples), tokens,
+                               info.id if info else 0)
+        stream = TrainStream(self.shards, config, self.rank * n_workers + worker, self.n_streams, buffers=buffers)
         yield from forward_errors(stream.batches(skip))
 
 

@@ -18,11 +18,17 @@ from speakerid.errors import SpeakeridError
 MAX_LISTED = 10
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ListEntry:
     spk: str
     relpath: str
-    where: str  # "file:line" of the line it came from, or the scanned root
+    source: str  # the list it came from, or the scanned root
+    line: int = 0  # its line in the list (0: none)
+
+    @property
+    def where(self) -> str:
+        """"file:line" of the line it came from, or the scanned root (kept apart: VoxCeleb2's list has a million)."""
+        return f"{self.source}:{self.line}" if self.line else self.source
 
 
 def utterance_key(relpath: str) -> str:
@@ -44,7 +50,7 @@ def _lines(path: Path):
         text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the first field
     except (OSError, UnicodeDecodeError) as error:
         raise SpeakeridError(f"{path}: cannot read the list: {error}") from error
-    binary = [number for number, line in enumerate(text.splitlines(), start=1) if "\0" in line]
+    binary = [number for number, line in enumerate(text.splitlines(), start=1) if "\0" in line] if "\0" in text else []
     if binary:
         raise SpeakeridError(
             f"{path}: NUL byte(s) on line(s) {', '.join(map(str, binary[:MAX_LISTED]))}"
@@ -75,13 +81,15 @@ def _fail_on_bad_lines(path: Path, bad: list[tuple[int, str]], expected: str) ->
 def read_train_list(path: str | Path) -> list[ListEntry]:
     """``speaker relpath`` lines (voxceleb_trainer's train_list.txt)."""
     path = Path(path)
+    source = str(path)
     entries, bad = [], []
+    speakers: dict[str, str] = {}  # one string per speaker, not one per line
     for number, line in _lines(path):
         fields = line.split()
         if len(fields) != 2:
             bad.append((number, line))
             continue
-        entries.append(ListEntry(fields[0], fields[1], f"{path}:{number}"))
+        entries.append(ListEntry(speakers.setdefault(fields[0], fields[0]), fields[1], source, number))
     _fail_on_bad_lines(path, bad, "'speaker relpath' (2 fields)")
     if not entries:
         raise SpeakeridError(f"{path}: the list is empty; expected 'speaker relpath' lines")
@@ -91,13 +99,14 @@ def read_train_list(path: str | Path) -> list[ListEntry]:
 def read_eval_list(path: str | Path) -> list[ListEntry]:
     """``relpath`` or ``speaker relpath`` lines; the speaker defaults to the first path component."""
     path = Path(path)
+    source = str(path)
     entries, bad = [], []
     for number, line in _lines(path):
         fields = line.split()
         if len(fields) == 1:
-            entries.append(ListEntry(speaker_of(fields[0]), fields[0], f"{path}:{number}"))
+            entries.append(ListEntry(speaker_of(fields[0]), fields[0], source, number))
         elif len(fields) == 2:
-            entries.append(ListEntry(fields[0], fields[1], f"{path}:{number}"))
+            entries.append(ListEntry(fields[0], fields[1], source, number))
         else:
             bad.append((number, line))
     _fail_on_bad_lines(path, bad, "'relpath' or 'speaker relpath'")

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from speakerid.data.index import LAYOUT, STATE_DIR, is_finished, write_index
+from speakerid.data.index import LAYOUT, STATE_DIR, finished_shards, write_index
 from speakerid.data.lists import listed
 from speakerid.data.plan import PackPlan
 from speakerid.data.pool import run_jobs
@@ -97,7 +97,8 @@ def _write_part(plan: PackPlan, root: Path, out_dir: Path, part: int, parts: int
     remove_dead_temporaries(out_dir, [plan.names[i] for i in mine], locked=True)
     shared = ["plan.json", LAYOUT] if parts == 1 else []  # with parts, another part may be writing them now
     remove_dead_temporaries(out_dir / STATE_DIR, [f"{plan.names[i]}.json" for i in mine] + shared, locked=True)
-    resumed = [plan.names[i] for i in mine if is_finished(out_dir, plan.names[i])]
+    finished = finished_shards(out_dir, [plan.names[i] for i in mine])  # one listing, not lookups per shard
+    resumed = [plan.names[i] for i in mine if plan.names[i] in finished]
     jobs = [ShardJob(out_dir, root, plan.names[i], plan.shards[i], plan.config, skip_bad)
             for i in mine if plan.names[i] not in resumed]
     listener.started(plan, sum(len(j.items) for j in jobs), len(resumed))

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from speakerid.data.index import FORMAT, LAYOUT, STATE_DIR, VERSION, is_finished, read_json, write_json_atomic
+from speakerid.data.index import FORMAT, LAYOUT, STATE_DIR, VERSION, finished_shards, read_json, write_json_atomic
 from speakerid.data.lists import MAX_LISTED, utterance_key
 from speakerid.data.plan import Item, PackPlan, plan_digest
 from speakerid.errors import SpeakeridError
@@ -88,8 +88,9 @@ def _without_lost_utterances(out_dir: Path, plan: PackPlan, existing: dict) -> P
         return f"{len(added)} utterance(s) are new to it, e.g. {added[0][0]}"
     if existing.get("speakers") != plan.speakers:
         return "a speaker lost all its utterances, which would renumber the labels of the finished shards"
+    finished = finished_shards(out_dir, existing["names"])
     lost = [(name, src) for name, shard in zip(existing["names"], layout) for src, spk, _ in shard
-            if (src, spk) not in listed and is_finished(out_dir, name)]
+            if (src, spk) not in listed and name in finished]
     if lost:
         shown = ", ".join(f"{src} (in {name})" for name, src in lost[:MAX_LISTED])
         names = sorted({name for name, _ in lost})

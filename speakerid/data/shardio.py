@@ -27,7 +27,7 @@ from typing import Iterator
 import webdataset as wds
 
 from speakerid.data.index import split_member
-from speakerid.data.tarstream import iter_tar
+from speakerid.data.tarstream import iter_tar, iter_tar_offsets
 from speakerid.errors import SpeakeridError
 
 log = logging.getLogger("speakerid.data")
@@ -170,11 +170,49 @@ class Faults:
         return {"corrupt_members": self.corrupt_members, "damaged_shards": self.damaged_shards}
 
 
-def read_shard(url: str, faults: Faults, io_timeout: float = DEFAULT_IO_TIMEOUT) -> Iterator[dict]:
+def local_path(url: str) -> str | None:
+    """The file path of a local shard URL (a plain path or ``file:``); None for pipe:, http(s) and the rest."""
+    if url.startswith("file:"):
+        return url.removeprefix("file://") if url.startswith("file://") else url.removeprefix("file:")
+    return None if url.startswith("pipe:") or "://" in url else url
+
+
+@dataclass
+class Located:
+    """A member left unread in a local shard: where it lies, for a reader that wants only part of it (a crop)."""
+
+    fd: int
+    offset: int
+    size: int
+    url: str
+
+
+class Verified:
+    """Local shards a stream has read whole, every member checked against its crc32 by the parser, each with
+    the keys of the members that failed. In later passes such a shard's audio members of the chosen extension
+    are not read but located (:class:`Located`): the parser reads only the crop's bytes."""
+
+    def __init__(self, extension: str | None) -> None:
+        self.extension = extension  # "wav": crops are byte ranges; None: nothing is located
+        self.shards: dict[str, set[str]] = {}
+
+    def located(self, url: str) -> bool:
+        return self.extension is not None and url in self.shards and local_path(url) is not None
+
+
+def read_shard(url: str, faults: Faults, io_timeout: float = DEFAULT_IO_TIMEOUT,
+               verified: Verified | None = None) -> Iterator[dict]:
     """One shard's samples as {__key__, __url__, json, <encoding>: bytes}; a damaged tail is counted and skipped.
 
+    With ``verified``: each sample also has ``__failed__``, the set of this shard's keys whose audio failed its
+    crc32 (the parser adds to it); a local shard read to its end is remembered there, and its next reads
+    locate (:class:`Located`) instead of reading the audio members of ``verified.extension``.
     A transport failure (see open_shard) raises ShardUnavailable: the caller decides to retry or stop.
     """
+    if verified is not None and verified.located(url):
+        yield from _read_located(url, faults, verified)
+        return
+    failed: set[str] = set()
     stream = open_shard(url, io_timeout)
     damage = None
     try:
@@ -185,6 +223,8 @@ def read_shard(url: str, faults: Faults, io_timeout: float = DEFAULT_IO_TIMEOUT)
                 yield sample
                 sample = {}
             sample["__key__"], sample["__url__"] = key, url
+            if verified is not None:
+                sample["__failed__"] = failed
             sample[ext] = data
         if sample:
             yield sample
@@ -197,3 +237,32 @@ def read_shard(url: str, faults: Faults, io_timeout: float = DEFAULT_IO_TIMEOUT)
     if damage is not None:
         faults.damaged_shards += 1
         log.warning("%s: shard damaged, rest of it skipped: %s", url, damage)
+    elif verified is not None and local_path(url) is not None:
+        verified.shards[url] = failed
+
+
+def _read_located(url: str, faults: Faults, verified: Verified) -> Iterator[dict]:
+    """read_shard of a verified local shard: tar headers and small members read, audio members located."""
+    try:
+        fd = os.open(local_path(url), os.O_RDONLY)
+    except OSError as error:
+        raise ShardUnavailable(f"{url}: cannot open this shard: {error}") from error
+    failed = verified.shards[url]
+    try:
+        sample: dict = {}
+        for name, offset, size in iter_tar_offsets(fd):
+            key, ext = split_member(name)
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample["__key__"], sample["__url__"], sample["__failed__"] = key, url, failed
+            sample[ext] = Located(fd, offset, size, url) if ext == verified.extension else os.pread(fd, size, offset)
+        if sample:
+            yield sample
+    except ValueError as error:  # read whole in an earlier pass, so the file changed since: as a damaged tail
+        faults.damaged_shards += 1
+        log.warning("%s: shard damaged, rest of it skipped: %s", url, error)
+    except OSError as error:
+        raise ShardUnavailable(f"{url}: read error: {error}") from error
+    finally:
+        os.close(fd)

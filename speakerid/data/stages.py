@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from speakerid.audio import read_crop
+from speakerid.audio import read_crop, read_wav_crop_at
 from speakerid.data.index import member_intact
-from speakerid.data.shardio import DEFAULT_IO_TIMEOUT, Faults, ShardFailures, ShardUnavailable, read_shard
+from speakerid.data.loader import BatchBuffers
+from speakerid.data.shardio import (DEFAULT_IO_TIMEOUT, Faults, Located, ShardFailures, ShardUnavailable, Verified,
+                                    read_shard)
 from speakerid.errors import SpeakeridError
 
 if TYPE_CHECKING:
@@ -44,11 +46,13 @@ class Utterance:
 
 
 def interleave(urls: list[str], open_shards: int, rng: np.random.Generator, faults: Faults,
-               failures: ShardFailures | None = None, io_timeout: float = DEFAULT_IO_TIMEOUT) -> Iterator[dict]:
+               failures: ShardFailures | None = None, io_timeout: float = DEFAULT_IO_TIMEOUT,
+               verified: Verified | None = None) -> Iterator[dict]:
     """Read up to ``open_shards`` shards at once, taking each next sample from a random open one.
 
     A shard whose transport fails is counted as damaged and left for this pass; ``failures`` stops the
-    K-th failure in a row of one shard (across passes) with an error naming it.
+    K-th failure in a row of one shard (across passes) with an error naming it. ``verified`` (kept across
+    passes) lets a local shard read whole once be read crop by crop afterwards (speakerid.data.shardio).
     """
     failures = failures or ShardFailures()
     pending = deque(urls)
@@ -56,7 +60,7 @@ def interleave(urls: list[str], open_shards: int, rng: np.random.Generator, faul
     while pending or readers:
         while pending and len(readers) < open_shards:
             url = pending.popleft()
-            readers.append((url, read_shard(url, faults, io_timeout)))
+            readers.append((url, read_shard(url, faults, io_timeout, verified)))
         i = int(rng.integers(len(readers)))
         url, reader = readers[i]
         try:
@@ -73,19 +77,27 @@ def interleave(urls: list[str], open_shards: int, rng: np.random.Generator, faul
 
 def parse(samples: Iterator[dict], encoding: str, crop_samples: int, rng: np.random.Generator,
           pass_number: int, faults: Faults) -> Iterator[Utterance]:
-    """Member bytes → Utterance; a wav crop is cut here (a slice, no decoding), flac waits for emission."""
+    """Member bytes → Utterance; a wav crop is cut here (a slice, no decoding), flac waits for emission.
+
+    A wav member located in a verified local shard (shardio.Located) is not read whole: its crc32 was checked
+    when the shard was first read (a failure then is remembered in ``__failed__``), and only its header and the
+    crop's bytes are read now. The crop is the same: same draw, same bytes."""
     for sample in samples:
         try:
             meta = json.loads(sample["json"])
             data = sample[encoding]
-            if not member_intact(meta, data):
+            located = isinstance(data, Located)
+            if sample["__key__"] in sample.get("__failed__", ()) or not (located or member_intact(meta, data)):
                 faults.corrupt_members += 1
                 log.warning("%s in %s: audio bytes fail their crc32, member skipped",
                             sample["__key__"], sample["__url__"])
+                sample.get("__failed__", set()).add(sample["__key__"])
                 continue
             n, label = int(meta["samples"]), int(meta["label"])
             u = float(rng.random())
-            if encoding == "wav":  # cut the crop now (a slice of the PCM): the pool holds 2·L bytes, not the file
+            if located:  # only the header and the crop's bytes are read
+                payload = read_wav_crop_at(data.fd, data.offset, data.size, n, crop_samples, u)
+            elif encoding == "wav":  # cut the crop now (a slice of the PCM): the pool holds 2·L bytes, not the file
                 payload = read_crop(data, "wav", n, crop_samples, u)
             else:
                 payload = data
@@ -93,6 +105,8 @@ def parse(samples: Iterator[dict], encoding: str, crop_samples: int, rng: np.ran
             faults.corrupt_members += 1
             log.warning("%s: skipping a damaged sample: %r", sample.get("__key__"), error)
             continue
+        except OSError as error:  # reading a located crop: the shard was readable a pass ago
+            raise SpeakeridError(f"{sample['__url__']}: read error: {error}; check the storage") from error
         yield Utterance(sample["__key__"], label, n, u, payload, pass_number, checked="crc32" in meta)
 
 
@@ -105,15 +119,23 @@ def apply_quota(utterances: Iterator[Utterance], quota: dict[int, int]) -> Itera
             yield utt
 
 
-def group_tuples(utterances: Iterator[Utterance], m: int) -> Iterator[list[Utterance]]:
-    """Consecutive utterances of a speaker → M-tuples. Fewer than M left at the pass end are not usable."""
+def group_tuples(utterances: Iterator[Utterance], m: int, quota: dict[int, int] | None = None) -> Iterator[list[Utterance]]:
+    """Consecutive utterances of a speaker → M-tuples. Fewer than M left at the pass end are not usable.
+
+    With ``quota`` (the utterances of each speaker this pass can give, apply_quota's): a speaker's leftover is
+    let go as soon as its last utterance of the pass has come, not held (crop or flac member) to the pass end."""
     partial: dict[int, list[Utterance]] = defaultdict(list)
+    seen: dict[int, int] = defaultdict(int)
     for utt in utterances:
         group = partial[utt.label]
         group.append(utt)
         if len(group) == m:
             yield list(group)
             group.clear()
+        if quota is not None:
+            seen[utt.label] += 1
+            if seen[utt.label] >= quota.get(utt.label, 0):  # no more of this speaker in this pass
+                del partial[utt.label]
 
 
 class Pool:
@@ -164,10 +186,13 @@ class Batcher:
     the next. The first ``skip`` batches are drawn without decoding and not yielded (resume skips ahead this way).
     """
 
-    def __init__(self, config: BatchConfig, stream: int, faults: Faults, skip: int = 0) -> None:
+    def __init__(self, config: BatchConfig, stream: int, faults: Faults, skip: int = 0,
+                 buffers: BatchBuffers | None = None) -> None:
         self.config, self.stream, self.faults, self.skip = config, stream, faults, skip
         self.pool = Pool()
         self.drawn = 0
+        shape = (config.n_speakers, config.utts_per_speaker, config.read_samples)
+        self.buffers = buffers or BatchBuffers(shape)  # where a batch's crops are filled
 
     def __call__(self, tuples: Iterator[list[Utterance]], rng: np.random.Generator,
                  pass_number: int) -> Iterator[dict]:
@@ -207,25 +232,29 @@ class Batcher:
     def draw(self, rng: np.random.Generator, pass_number: int, decode: bool) -> dict | None:
         """One batch from the pool; None (the pool unchanged but for dropped tuples) when too few speakers decode."""
         pool = self.pool
-        n, m, length = self.config.n_speakers, self.config.utts_per_speaker, self.config.read_samples
+        n = self.config.n_speakers
         chosen: list[list[Utterance]] = []
-        crops = np.empty((n, m, length), dtype=np.int16) if decode else None
+        audio, ticket = self.buffers.take() if decode else (None, None)
+        crops = audio.numpy() if decode else None
         for label in pool.draw_order(rng, pass_number):
             t = pool.pop(label)
             tuple_crops = [self.crop(utt, decode) for utt in t]
             if any(crop is None for crop in tuple_crops):  # a member that does not decode: drop the tuple
                 continue
             if decode:
-                crops[len(chosen)] = np.stack(tuple_crops)
+                for j, crop in enumerate(tuple_crops):
+                    crops[len(chosen), j] = crop
             chosen.append(t)
             if len(chosen) == n:
                 break
         if len(chosen) < n:  # undecodable members left too few speakers: put the good tuples back
             for t in chosen:
                 pool.put_back(t)
+            self.buffers.give_back(ticket)
             return None
         return {
-            "audio": torch.from_numpy(crops) if decode else None,
+            "audio": audio,
+            "buffer": ticket,  # (worker, slot, token) of a reused batch buffer, freed by the loader; or None
             "labels": torch.tensor([t[0].label for t in chosen], dtype=torch.long),
             "keys": [[u.key for u in t] for t in chosen],
             "tuple_passes": [t[0].pass_number for t in chosen],  # the pass each tuple was read in

@@ -1,16 +1,16 @@
 """Evaluation, checkpoint → extraction → scoring → metrics → report: the library behind ``python -m evaluate``.
 
-One job per file, in the order of the flow. ``trials.py`` reads and checks the trial lists and names the
-utterances they need; the audio comes from :class:`speakerid.data.eval_reader.AudioSource` (a folder or eval
-shards). ``extract.py`` embeds each utterance once across the processes (:class:`ExtractConfig`, the trimming
-grid, the length-batching :class:`Embedder`, :func:`extract`); ``embeddings.py`` holds :class:`Embeddings`,
-their file and the cache's check. ``cohort.py`` embeds the score-normalisation cohort; ``scoring.py`` is the
-score arithmetic (cosine, the seeds' crop score, mean subtraction, AS-Norm) and :func:`score_trials` over whole
-lists. ``calibration.py`` maps scores (and quality measures) to log-likelihood ratios (:class:`Calibration`,
-:func:`fit_calibration`); ``calibration_trials.py`` draws a calibration list from training shards and reads its
-audio back. Metrics come from :mod:`speakerid.metrics`. ``report.py`` writes score files and the DET plot and holds
-the reports; ``jobs.py`` is the two jobs, :func:`evaluate` and :func:`embed`, and :func:`run_command`, the
-command line's choice between them.
+One job per file, in the order of the flow. ``trials.py`` reads and checks the trial lists and names the utterances
+they need; the audio comes from :class:`speakerid.data.eval_reader.AudioSource` (a folder or eval shards).
+``extract.py`` embeds each utterance once across the processes (:class:`ExtractConfig`, the trimming grid, the
+length-batching :class:`Embedder`, :func:`extract`); ``embeddings.py`` holds :class:`Embeddings`, their file and the
+cache's check. ``cohort.py`` chooses the score-normalisation cohort from the shards' index (reading only the shards
+that hold it) and embeds it; ``scoring.py`` is the score arithmetic (cosine, the seeds' crop score, mean
+subtraction, AS-Norm) and :func:`score_trials` over whole lists. ``calibration.py`` maps scores (and quality
+measures) to log-likelihood ratios (:class:`Calibration`, :func:`fit_calibration`); ``calibration_trials.py`` draws
+a calibration list from training shards and reads its audio back. Metrics come from :mod:`speakerid.metrics`.
+``report.py`` writes score files and the DET plot and holds the reports; ``jobs.py`` is the two jobs,
+:func:`evaluate` and :func:`embed`, and :func:`run_command`, the command line's choice between them.
 """
 
 from speakerid.evaluation.calibration import Calibration, CalibrationConfig, fit_calibration

@@ -15,7 +15,7 @@ come back as a numpy array ``(T,)`` of the embeddings' floating dtype.
 * :func:`as_norm` — adaptive symmetric score normalisation with the top-k cohort scores of each side:
   s' = ½((s − μ_e)/σ_e + (s − μ_t)/σ_t), μ/σ the mean and (population) standard deviation of the k highest
   cosine scores of that side's embedding against the cohort; each unique utterance's statistics are
-  computed once (:func:`cohort_stats`).
+  computed once (:func:`cohort_stats`), for all the trial lists :func:`score_trials` scores together.
 
 :func:`score_trials` applies them to trial lists: one score array per list, after the normalisations a
 :class:`ScoreConfig` asks for (against the cohort of :mod:`speakerid.evaluation.cohort`; AS-Norm against its
@@ -179,12 +179,24 @@ def cohort_stats(embeddings, cohort, top_k: int = 300, *, chunk_size: int = 1024
     return mean.cpu().numpy(), std.cpu().numpy()
 
 
-def as_norm(embeddings, pairs, cohort, *, top_k: int = 300, scores=None, chunk_size: int = 1024) -> np.ndarray:
+def _row_stats(stats, n_utterances: int, emb: Tensor) -> tuple[Tensor, Tensor]:
+    mean, std = (_as_tensor(s, f"stats[{i}]", 1, "(U,)").to(device=emb.device, dtype=emb.dtype)
+                 for i, s in enumerate(stats))
+    if len(mean) != n_utterances or len(std) != n_utterances:
+        raise SpeakeridError(f"stats must be two (U,) arrays, one value per embedding ({n_utterances}), got "
+                             f"{len(mean)} and {len(std)}")
+    return mean, std
+
+
+def as_norm(embeddings, pairs, cohort, *, top_k: int = 300, scores=None, stats=None,
+            chunk_size: int = 1024) -> np.ndarray:
     """Adaptive s-norm of trial scores (cosine scores of ``embeddings`` unless ``scores`` (T,) is given).
 
     ``embeddings`` (U, D), ``pairs`` (T, 2), ``cohort`` (K, D) (subtract the same mean from both first, if
-    any); statistics are computed once per utterance that occurs in ``pairs``. A zero std (a cohort whose
-    top scores are all equal) is floored at 1e-12.
+    any); statistics are computed once per utterance that occurs in ``pairs``, unless ``stats`` gives them:
+    (mean, std), each (U,), as :func:`cohort_stats` of every embedding row (rows that ``pairs`` does not
+    name are not read), so that several trial lists over one embedding matrix share one computation.
+    A zero std (a cohort whose top scores are all equal) is floored at 1e-12.
     """
     _check_chunk(chunk_size)
     emb = _as_tensor(embeddings, "embeddings", 2, "(U, D)")
@@ -196,8 +208,11 @@ def as_norm(embeddings, pairs, cohort, *, top_k: int = 300, scores=None, chunk_s
         raw = _as_tensor(scores, "scores", 1, "(T,)").to(device=emb.device, dtype=emb.dtype)
         if len(raw) != len(index):
             raise SpeakeridError(f"scores and pairs differ in length: {len(raw)} scores but {len(index)} trials")
-    used, inverse = torch.unique(index, return_inverse=True)  # inverse: (T, 2) rows into `used`
-    mean, std = _cohort_stats(_normalize(emb[used]), _normalize(coh), top_k, chunk_size)
+    if stats is None:
+        used, inverse = torch.unique(index, return_inverse=True)  # inverse: (T, 2) rows into `used`
+        mean, std = _cohort_stats(_normalize(emb[used]), _normalize(coh), top_k, chunk_size)
+    else:
+        (mean, std), inverse = _row_stats(stats, emb.shape[0], emb), index
     std = std.clamp_min(1e-12)
     enroll, test = inverse[:, 0], inverse[:, 1]
     normed = 0.5 * ((raw - mean[enroll]) / std[enroll] + (raw - mean[test]) / std[test])
@@ -207,7 +222,7 @@ def as_norm(embeddings, pairs, cohort, *, top_k: int = 300, scores=None, chunk_s
 @dataclass(frozen=True)
 class ScoreConfig:
     cohort: str | None = None  # training shards (or an audio folder) whose embeddings form the cohort
-    cohort_speakers: int = 2000  # speakers taken from the cohort source (in reading order), at most
+    cohort_speakers: int = 2000  # speakers taken from the cohort source (cohort.plan_cohort), at most
     cohort_utts_per_speaker: int = 4  # utterances embedded per cohort speaker, at most
     mean_subtraction: bool = False  # subtract the cohort's mean embedding before scoring
     as_norm: bool = False  # adaptive s-norm against the per-speaker cohort means
@@ -267,15 +282,36 @@ def score_trials(embeddings: Embeddings, lists: list[TrialList], *, crops: bool 
         if not 2 <= scoring.top_k <= len(as_norm_cohort):
             raise SpeakeridError(f"--top-k {scoring.top_k}: the cohort has {len(as_norm_cohort)} speakers; choose "
                                  f"2 ≤ k ≤ {len(as_norm_cohort)} or raise --cohort-speakers")
+    key_of: dict[str, str] = {}  # relpath → key, once per utterance: the lists name each one many times
+
+    def key(relpath: str) -> str:
+        found = key_of.get(relpath)
+        if found is None:
+            found = key_of[relpath] = utterance_key(relpath)
+        return found
+
+    all_pairs = [trial_indices([(key(t.enroll), key(t.test)) for t in trial_list.trials], embeddings.keys)
+                 for trial_list in lists]
+    stats = None
+    if as_norm_cohort is not None:
+        stats = _union_stats(values, all_pairs, as_norm_cohort, scoring.top_k)
     results = []
-    for trial_list in lists:
-        pairs = trial_indices([(utterance_key(t.enroll), utterance_key(t.test)) for t in trial_list.trials],
-                              embeddings.keys)
+    for pairs in all_pairs:
         if crops:
             scores = crop_scores(values, pairs, normalize=test_normalize)
         else:
             scores = cosine_scores(values, pairs)
             if as_norm_cohort is not None:
-                scores = as_norm(values, pairs, as_norm_cohort, top_k=scoring.top_k, scores=scores)
+                scores = as_norm(values, pairs, as_norm_cohort, top_k=scoring.top_k, scores=scores, stats=stats)
         results.append(np.asarray(scores, dtype=np.float64))
     return results
+
+
+def _union_stats(values, all_pairs: list[np.ndarray], cohort: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """AS-Norm's per-utterance statistics, computed once for every utterance that any list names (O, E and H
+    share most of theirs): (U,) mean and std, zero for rows no list names."""
+    used = np.unique(np.concatenate([p.reshape(-1) for p in all_pairs]))
+    mean, std = np.zeros(len(values), dtype=values.dtype), np.zeros(len(values), dtype=values.dtype)
+    if len(used):
+        mean[used], std[used] = cohort_stats(values[used], cohort, top_k)
+    return mean, std
