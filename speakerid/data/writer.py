@@ -200,11 +200,6 @@ class WrittenShard:
     result: ShardResult
 
 
-def write_shard(job: ShardJob, progress: Progress | None = None) -> ShardResult:
-    """Decode, encode and tar one shard's utterances; rename into place only when complete."""
-    return finish_shard(start_shard(job, progress))
-
-
 def start_shard(job: ShardJob, progress: Progress | None = None) -> WrittenShard:
     """Write the shard's tar to a temporary name (not yet fsynced) and count what it holds; :func:`finish_shard`
     makes it durable and puts it in place. Split so the CPU can write the next shard while the disk works."""
