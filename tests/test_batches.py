@@ -61,9 +61,11 @@ def flat_keys(batches) -> list[str]:
     return [k for b in batches for t in b["keys"] for k in t]
 
 
-def test_every_batch_is_n_distinct_speakers_by_m_crops_of_their_own_audio(corpus, wav_shards):
+@pytest.mark.parametrize("encoding", ["wav", "flac"])
+def test_every_batch_is_n_distinct_speakers_by_m_crops_of_their_own_audio(corpus, encoding, request):
     labels = {spk: i for i, spk in enumerate(sorted({e.spk for e in read_train_list(corpus.train_list)}))}
-    batches = take(train_loader(ShardSet.open(wav_shards), CONFIG), 12)
+    shards = request.getfixturevalue(f"{encoding}_shards")
+    batches = take(train_loader(ShardSet.open(shards), CONFIG), 12)
     for b in batches:
         assert b["audio"].shape == (4, 2, CONFIG.crop_samples) and b["audio"].dtype == torch.int16
         assert len(set(b["labels"].tolist())) == 4

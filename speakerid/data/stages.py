@@ -220,7 +220,7 @@ class Batcher:
         if isinstance(utt.payload, np.ndarray) or (utt.checked and not decode):
             return utt.payload
         try:
-            return read_crop(utt.payload, "flac", utt.samples, self.config.read_samples, utt.u)
+            return read_crop(utt.payload, "flac", utt.samples, self.config.read_samples, utt.u, verified=utt.checked)
         except (ValueError, RuntimeError) as error:
             if utt.checked:  # skipping would have kept it: dropping it here would make resume inexact
                 raise SpeakeridError(f"{utt.key}: member passes its crc32 but does not decode ({error}); "
