@@ -2,8 +2,8 @@
 
 Samples stay int16 on the CPU side of speakerid (half the bytes of float32, exact for 16-bit sources);
 float conversion happens on the training device. Source wav/flac files are read and shard members encoded
-with soundfile; flac shard members are decoded with dr_flac (miniaudio), about 2.7× faster than libsndfile for
-a training crop and bit-identical; VoxCeleb2's .m4a (AAC) with PyAV, or the ``ffmpeg`` program when PyAV is not
+with soundfile; flac shard members are decoded with dr_flac (miniaudio), 2.2–2.7× faster than libsndfile for a
+training crop and bit-identical (a crop of a member without a crc32 still goes to libsndfile); VoxCeleb2's .m4a (AAC) with PyAV, or the ``ffmpeg`` program when PyAV is not
 installed.
 """
 
@@ -256,8 +256,8 @@ def flac_samples(data: bytes, start: int = 0, count: int | None = None) -> tuple
     """Samples [start, start + count) of a mono 16-bit flac member (to its end when count is None), and its rate.
 
     Decoded by dr_flac through miniaudio's C bindings: it seeks to ``start`` and decodes only the frames the
-    crop needs. libsndfile takes 1.0–1.1 ms for a 2-s crop on the reference machine, dr_flac 0.39 ms, with
-    the same samples (benchmarks/README.md). Fewer samples than asked (a stream that ends early) is a
+    crop needs. libsndfile takes 1.06–1.12 ms for a 2-s crop on the reference machine, dr_flac 0.40–0.52 ms,
+    with the same samples (benchmarks/README.md). Fewer samples than asked (a stream that ends early) is a
     ValueError, never a shortened array. dr_flac drops a frame that fails its CRC and goes on: a whole member
     then comes out short of its STREAMINFO length (an error), but a crop after that frame comes out shifted, so
     crops are cut with it only from bytes checked against their crc32 (``read_crop(…, verified=True)``)."""
