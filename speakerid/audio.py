@@ -360,18 +360,29 @@ def read_crop(data: bytes, encoding: str, n_samples: int, crop_samples: int, u: 
     return crop
 
 
-def read_wav_crop_at(fd: int, offset: int, size: int, n_samples: int, crop_samples: int, u: float) -> np.ndarray:
+def wav_pcm_at(fd: int, offset: int, size: int) -> tuple[int, int]:
+    """(file offset, byte length) of the 16-bit PCM of the wav member lying at ``offset`` in the open file ``fd``,
+    from its header alone (the whole member is read only when its chunks before the audio pass 4 kB)."""
+    span = wav_data_span(os.pread(fd, min(size, 4096), offset), size)
+    if span is None:
+        span = wav_data_span(os.pread(fd, size, offset), size)
+        if span is None:
+            raise ValueError("wav member is cut short before its audio: the shard is shorter than its header says")
+    return offset + span[0], span[1]
+
+
+def read_wav_crop_at(fd: int, offset: int, size: int, n_samples: int, crop_samples: int, u: float,
+                     pcm: tuple[int, int] | None = None) -> np.ndarray:
     """:func:`read_crop` of a wav member lying at ``offset`` in the open file ``fd``, reading only its header and
-    the crop's bytes (the whole member when it is shorter than the crop). Same crop, same errors."""
+    the crop's bytes (the whole member when it is shorter than the crop); only the crop's bytes when its ``pcm``
+    span (:func:`wav_pcm_at`) is known. Same crop, same errors."""
     if n_samples <= crop_samples:
         return read_crop(os.pread(fd, size, offset), "wav", n_samples, crop_samples, u)
-    span = wav_data_span(os.pread(fd, min(size, 4096), offset), size)
-    if span is None:  # chunks before the audio larger than 4 kB: parse the whole member's header
-        span = wav_data_span(os.pread(fd, size, offset), size)
+    pcm_offset, pcm_bytes = pcm or wav_pcm_at(fd, offset, size)
     start = crop_start(n_samples, crop_samples, u)
-    if span[1] // 2 < start + crop_samples:
-        raise ValueError(f"wav member holds {span[1] // 2} samples, its json says {n_samples}")
+    if pcm_bytes // 2 < start + crop_samples:
+        raise ValueError(f"wav member holds {pcm_bytes // 2} samples, its json says {n_samples}")
     crop = np.empty(crop_samples, dtype="<i2")
-    if os.preadv(fd, [crop], offset + span[0] + 2 * start) != 2 * crop_samples:
+    if os.preadv(fd, [crop], pcm_offset + 2 * start) != 2 * crop_samples:
         raise ValueError("wav member ends before its crop: the shard is shorter than its header says")
     return crop.astype(np.int16, copy=False)

@@ -96,7 +96,7 @@ def parse(samples: Iterator[dict], encoding: str, crop_samples: int, rng: np.ran
             n, label = int(meta["samples"]), int(meta["label"])
             u = float(rng.random())
             if located:  # only the header and the crop's bytes are read
-                payload = read_wav_crop_at(data.fd, data.offset, data.size, n, crop_samples, u)
+                payload = read_wav_crop_at(data.fd, data.offset, data.size, n, crop_samples, u, data.pcm)
             elif encoding == "wav":  # cut the crop now (a slice of the PCM): the pool holds 2·L bytes, not the file
                 payload = read_crop(data, "wav", n, crop_samples, u)
             else:
