@@ -24,7 +24,7 @@ import torch
 from speakerid.audio import crop_start, wrap_pad
 from speakerid.data.batch_config import BatchConfig
 from speakerid.data.batches import TrainStream, batches_per_epoch, train_loader, usable_utterances
-from speakerid.data.lists import read_train_list, utterance_key
+from speakerid.data.lists import read_train_list
 from speakerid.data.pack import pack
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.shardset import ShardSet, assign_streams
