@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device check in one command: installs the carried wheels (.whl/, from benchmarks/gpu_wheels.sh) without network
-# where webdataset/soundfile/braceexpand are not importable, puts this checkout first on PYTHONPATH (speakerid is
+# where webdataset/soundfile/braceexpand/miniaudio are not importable, puts this checkout first on PYTHONPATH (speakerid is
 # not installed there), and runs benchmarks/gpu_check.py: one table on stdout, OUT_DIR/gpu_check.json and .log.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [--tiny] [--device cpu] [--only SECTION …]
@@ -15,9 +15,9 @@ fi
 OUT=$1; shift
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import webdataset, soundfile, braceexpand" 2>/dev/null; then
+if ! "$PY" -c "import webdataset, soundfile, braceexpand, miniaudio" 2>/dev/null; then
     if ! compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
-        echo "error: webdataset/soundfile/braceexpand are not importable by $PY and $ROOT/.whl/ holds no wheels:" \
+        echo "error: webdataset/soundfile/braceexpand/miniaudio are not importable by $PY and $ROOT/.whl/ holds no wheels:" \
              "run 'bash benchmarks/gpu_wheels.sh' on a machine with network first, and carry .whl" >&2
         exit 2
     fi

@@ -6,14 +6,15 @@
 #
 # The device image (/work/.library/device/KINDS.md: Python 3.12.3, torch 2.11, accelerate, numpy, scipy, rich,
 # scikit-learn, pyyaml, safetensors) lacks what speakerid imports beside those: webdataset (needs braceexpand,
-# numpy, pyyaml), soundfile (needs cffi, which needs pycparser; its manylinux wheel bundles libsndfile).
+# numpy, pyyaml), soundfile (needs cffi, which needs pycparser; its manylinux wheel bundles libsndfile), miniaudio
+# (dr_flac for flac members; needs cffi).
 # One version of each (two stop the whole install); --no-deps, so every dependency is named here.
 # Idempotent: a wheel already in .whl/ is not fetched again. .whl/ is ignored (.gitignore).
 set -euo pipefail
 PYTHON=${1:-python3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DEST="$ROOT/.whl"
-WHEELS=(webdataset==1.0.2 braceexpand==0.1.7 soundfile==0.13.1 cffi==2.0.0 pycparser==2.23)
+WHEELS=(webdataset==1.0.2 braceexpand==0.1.7 soundfile==0.13.1 miniaudio==1.71 cffi==2.0.0 pycparser==2.23)
 mkdir -p "$DEST"
 for spec in "${WHEELS[@]}"; do
     name=${spec%%==*}; version=${spec##*==}

@@ -24,7 +24,7 @@ import torch
 from speakerid.audio import crop_start, wrap_pad
 from speakerid.data.batch_config import BatchConfig
 from speakerid.data.batches import TrainStream, batches_per_epoch, train_loader, usable_utterances
-from speakerid.data.lists import read_train_list, utterance_key
+from speakerid.data.lists import read_train_list
 from speakerid.data.pack import pack
 from speakerid.data.plan import PackConfig, make_plan
 from speakerid.data.shardset import ShardSet, assign_streams
@@ -61,9 +61,11 @@ def flat_keys(batches) -> list[str]:
     return [k for b in batches for t in b["keys"] for k in t]
 
 
-def test_every_batch_is_n_distinct_speakers_by_m_crops_of_their_own_audio(corpus, wav_shards):
+@pytest.mark.parametrize("encoding", ["wav", "flac"])
+def test_every_batch_is_n_distinct_speakers_by_m_crops_of_their_own_audio(corpus, encoding, request):
     labels = {spk: i for i, spk in enumerate(sorted({e.spk for e in read_train_list(corpus.train_list)}))}
-    batches = take(train_loader(ShardSet.open(wav_shards), CONFIG), 12)
+    shards = request.getfixturevalue(f"{encoding}_shards")
+    batches = take(train_loader(ShardSet.open(shards), CONFIG), 12)
     for b in batches:
         assert b["audio"].shape == (4, 2, CONFIG.crop_samples) and b["audio"].dtype == torch.int16
         assert len(set(b["labels"].tolist())) == 4
@@ -338,6 +340,75 @@ def test_later_passes_read_only_the_crops_of_local_wav_shards_and_give_the_same_
     resumed = list(itertools.islice(TrainStream(local, config, 0, 1).batches(skip=20), 10))
     assert all(torch.equal(a["audio"], b["audio"]) for a, b in zip(resumed, whole[20:]))
     assert [b["faults"] for b in resumed] == [b["faults"] for b in whole[20:]]
+
+
+def test_a_local_wav_shards_layout_is_read_once_then_replayed_until_the_file_changes(wav_shards, tmp_path, monkeypatch):
+    """Pass 0 reads each shard whole, pass 1 its tar headers, json members and wav headers, later passes only the
+    crops' bytes (the layout of pass 1 replayed); a shard whose file changed is read by its headers again."""
+    from speakerid.data import shardio
+
+    local_shards = tmp_path / "shards"
+    shutil.copytree(wav_shards, local_shards)
+    header_reads = Counter()
+    original = shardio.iter_tar_offsets
+
+    def counting(fd):
+        header_reads[os.readlink(f"/proc/self/fd/{fd}")] += 1
+        return original(fd)
+
+    monkeypatch.setattr(shardio, "iter_tar_offsets", counting)
+    advised = []
+    real_fadvise = os.posix_fadvise
+    monkeypatch.setattr(shardio.os, "posix_fadvise", lambda *a: advised.append(a) or real_fadvise(*a))
+    local = ShardSet.open(local_shards)
+    piped = ShardSet.open(local_shards, urls=[f"pipe:cat {u}" for u in local.urls])
+    whole = list(itertools.islice(TrainStream(piped, CONFIG, 0, 1).batches(), 60))
+    assert whole[-1]["pass"] >= 5 and not header_reads
+    stream = TrainStream(local, CONFIG, 0, 1).batches()
+    cropped = []
+    while len(cropped) < 60:
+        cropped.append(next(stream))
+        if cropped[-1]["pass"] == 3 and not header_reads.get("touched"):  # change one shard's file mid-run
+            touched = str(local_shards / "train-000001.tar")
+            os.utime(touched, ns=(1, 1))
+            header_reads["touched"] = 1
+    assert [b["keys"] for b in cropped] == [b["keys"] for b in whole]
+    assert all(torch.equal(a["audio"], b["audio"]) for a, b in zip(cropped, whole))
+    reads = {Path(path).name: n for path, n in header_reads.items() if path != "touched"}
+    assert sorted(reads) == sorted(Path(u).name for u in local.urls)
+    assert reads.pop("train-000001.tar") == 2 and set(reads.values()) == {1}
+    assert advised and all(a[3] == os.POSIX_FADV_WILLNEED for a in advised)  # replays ask for their bytes ahead
+
+
+def test_shards_past_the_remembered_budget_are_read_by_their_headers_every_pass(wav_shards, monkeypatch):
+    from speakerid.data import shardio
+
+    header_reads = Counter()
+    original = shardio.iter_tar_offsets
+    monkeypatch.setattr(shardio, "iter_tar_offsets", lambda fd: header_reads.update([fd]) or original(fd))
+    local = ShardSet.open(wav_shards)
+    remembered = list(itertools.islice(TrainStream(local, CONFIG, 0, 1).batches(), 40))
+    with_layouts = sum(header_reads.values())
+    header_reads.clear()
+    monkeypatch.setattr(shardio, "REMEMBERED_UTTERANCES", 5)  # room for one or two shards' layouts
+    bounded = list(itertools.islice(TrainStream(local, CONFIG, 0, 1).batches(), 40))
+    assert remembered[-1]["pass"] >= 4 and with_layouts == len(local.urls)
+    assert sum(header_reads.values()) > 2 * len(local.urls)
+    assert all(torch.equal(a["audio"], b["audio"]) for a, b in zip(remembered, bounded))
+
+
+def test_readahead_asks_for_a_window_ahead_of_the_reader_contiguously_and_seldom(monkeypatch):
+    from speakerid.data import shardio
+
+    asked = []
+    monkeypatch.setattr(shardio.os, "posix_fadvise", lambda fd, offset, length, advice: asked.append((offset, length)))
+    ahead = shardio.Readahead(fd=-1, window=100)
+    for offset in range(0, 1000, 7):
+        ahead.reach(offset)
+        assert asked[-1][0] + asked[-1][1] >= offset + 100  # at least a window ahead of the reader
+    assert asked[0] == (0, 200)
+    assert all(a[0] + a[1] == b[0] for a, b in zip(asked, asked[1:]))  # each byte asked for once
+    assert len(asked) <= 1000 // 100 + 1
 
 
 def test_a_speakers_leftover_is_let_go_once_its_last_utterance_of_the_pass_has_come():

@@ -58,6 +58,18 @@ def test_run_all_smoke_runs_every_benchmark_into_one_table(tmp_path):
     assert table.count("\n| ") == len(rows) + 1  # header + one line per row
 
 
+def test_flac_decode_compares_both_decoders_on_the_same_samples(tmp_path):
+    """benchmarks/flac_decode.py (not in run_all: a micro-benchmark of one function): it runs, checks the samples of
+    both decoders against the source before timing them, and writes a row per member and case."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flac_decode.py"), "--calls", "3", "--seconds", "2.5",
+                           "--json", str(tmp_path / "flac.json")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "flac.json").read_text())["rows"]
+    assert [(r["member"], r["case"]) for r in rows] == [(m, c) for m in ("speech-like", "random walk") for c in ("crop", "whole")]
+    assert all(r["libsndfile_ms"] > 0 and r["dr_flac_ms"] > 0 for r in rows)
+
+
 def test_missing_readme_markers_are_one_clear_error(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("no markers here\n")

@@ -146,3 +146,15 @@ def test_docs_logging_lists_every_extra(setup_cfg):
     _, extras = _declared(setup_cfg)
     page = (REPO / "docs" / "logging.md").read_text()
     assert not [name for name in extras if f"`speakerid-toolkit[{name}]`" not in page]
+
+
+# What the GPU device image has (/work/.library/device/KINDS.md); benchmarks/gpu_wheels.sh must bring the rest
+DEVICE_IMAGE = {"torch", "accelerate", "numpy", "scipy", "rich", "scikit-learn", "pyyaml", "safetensors"}
+
+
+def test_the_device_wheels_bring_every_requirement_the_device_image_lacks(setup_cfg):
+    script = (REPO / "benchmarks" / "gpu_wheels.sh").read_text()
+    wheels = {_normalise(spec.split("==")[0]) for spec in re.search(r"WHEELS=\(([^)]*)\)", script).group(1).split()}
+    required, _ = _declared(setup_cfg)
+    missing = required - DEVICE_IMAGE - wheels
+    assert not missing, f"add {', '.join(sorted(missing))} to WHEELS in benchmarks/gpu_wheels.sh (gpu_check.sh installs them)"

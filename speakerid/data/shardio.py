@@ -26,6 +26,7 @@ from typing import Iterator
 
 import webdataset as wds
 
+from speakerid.audio import wav_pcm_at
 from speakerid.data.index import split_member
 from speakerid.data.tarstream import iter_tar, iter_tar_offsets
 from speakerid.errors import SpeakeridError
@@ -33,6 +34,8 @@ from speakerid.errors import SpeakeridError
 log = logging.getLogger("speakerid.data")
 
 DEFAULT_IO_TIMEOUT = 60.0  # seconds without a byte from a remote shard
+REMEMBERED_UTTERANCES = 200_000  # a stream's shard layouts kept for crop-only passes (~150 MB)
+READ_AHEAD = 4 << 20  # bytes of a crop-read shard asked of the storage ahead of the reader (Readahead)
 DEFAULT_SHARD_RETRIES = 3  # failed reads in a row of one shard before it is an error
 
 
@@ -185,16 +188,25 @@ class Located:
     offset: int
     size: int
     url: str
+    pcm: tuple[int, int] | None = None  # a wav member's 16-bit PCM: (file offset, byte length); None: read its header
 
 
 class Verified:
     """Local shards a stream has read whole, every member checked against its crc32 by the parser, each with
     the keys of the members that failed. In later passes such a shard's audio members of the chosen extension
-    are not read but located (:class:`Located`): the parser reads only the crop's bytes."""
+    are not read but located (:class:`Located`): the parser reads only the crop's bytes.
 
-    def __init__(self, extension: str | None) -> None:
+    The first such pass reads the shard's tar headers, json members and wav headers; it is remembered
+    (``layouts``: each sample's key, json bytes and PCM span, about 0.75 kB an utterance, for at most
+    ``max_remembered`` utterances: shards beyond are read by their headers every pass) and replayed in later
+    passes while the file's size and modification time are unchanged, so they read only the crops' bytes."""
+
+    def __init__(self, extension: str | None, max_remembered: int | None = None) -> None:
         self.extension = extension  # "wav": crops are byte ranges; None: nothing is located
         self.shards: dict[str, set[str]] = {}
+        self.layouts: dict[str, tuple[tuple[int, int], list[tuple[str, tuple]]]] = {}  # url → (size, mtime), samples
+        self.max_remembered = REMEMBERED_UTTERANCES if max_remembered is None else max_remembered
+        self.remembered = 0  # utterances in layouts
 
     def located(self, url: str) -> bool:
         return self.extension is not None and url in self.shards and local_path(url) is not None
@@ -241,24 +253,58 @@ def read_shard(url: str, faults: Faults, io_timeout: float = DEFAULT_IO_TIMEOUT,
         verified.shards[url] = failed
 
 
+class Readahead:
+    """Keeps the next ``window`` bytes of a file read crop by crop in flight (``posix_fadvise`` WILLNEED, which
+    returns at once): the kernel's own readahead follows sequential reads, not the crops' scattered ones, so on
+    cold storage each crop would otherwise be one synchronous read. Costs a syscall every ``window`` bytes."""
+
+    def __init__(self, fd: int, window: int = READ_AHEAD) -> None:
+        self.fd, self.window, self.asked = fd, window, 0
+
+    def reach(self, offset: int) -> None:
+        """The reader is at ``offset``: ask for up to ``offset + 2·window`` once less than ``window`` is ahead."""
+        if offset + self.window > self.asked:
+            end = offset + 2 * self.window
+            os.posix_fadvise(self.fd, self.asked, end - self.asked, os.POSIX_FADV_WILLNEED)
+            self.asked = end
+
+
 def _read_located(url: str, faults: Faults, verified: Verified) -> Iterator[dict]:
-    """read_shard of a verified local shard: tar headers and small members read, audio members located."""
+    """read_shard of a verified local shard: its remembered layout replayed, or its tar headers, small members and
+    wav headers read (and remembered when the whole shard was read); audio members located."""
     try:
         fd = os.open(local_path(url), os.O_RDONLY)
     except OSError as error:
         raise ShardUnavailable(f"{url}: cannot open this shard: {error}") from error
     failed = verified.shards[url]
     try:
-        sample: dict = {}
-        for name, offset, size in iter_tar_offsets(fd):
-            key, ext = split_member(name)
-            if sample and sample["__key__"] != key:
+        stat = os.fstat(fd)
+        signature = (stat.st_size, stat.st_mtime_ns)
+        remembered = verified.layouts.pop(url, None)  # put back once replayed; a changed file is read again
+        verified.remembered -= len(remembered[1]) if remembered is not None else 0
+        if remembered is not None and remembered[0] == signature:
+            ahead = Readahead(fd)
+            for key, members in remembered[1]:
+                sample = {"__key__": key, "__url__": url, "__failed__": failed}
+                for ext, value in members:
+                    if isinstance(value, tuple):
+                        ahead.reach(value[0])
+                        sample[ext] = Located(fd, value[0], value[1], url, value[2])
+                    else:
+                        sample[ext] = value
                 yield sample
-                sample = {}
-            sample["__key__"], sample["__url__"], sample["__failed__"] = key, url, failed
-            sample[ext] = Located(fd, offset, size, url) if ext == verified.extension else os.pread(fd, size, offset)
-        if sample:
+            verified.layouts[url] = remembered
+            verified.remembered += len(remembered[1])
+            return
+        layout = []
+        for sample in _located_samples(fd, url, failed, verified.extension):
+            layout.append((sample["__key__"], tuple(
+                (ext, (value.offset, value.size, value.pcm) if isinstance(value, Located) else value)
+                for ext, value in sample.items() if not ext.startswith("__"))))
             yield sample
+        if verified.remembered + len(layout) <= verified.max_remembered:
+            verified.layouts[url] = (signature, layout)
+            verified.remembered += len(layout)
     except ValueError as error:  # read whole in an earlier pass, so the file changed since: as a damaged tail
         faults.damaged_shards += 1
         log.warning("%s: shard damaged, rest of it skipped: %s", url, error)
@@ -266,3 +312,25 @@ def _read_located(url: str, faults: Faults, verified: Verified) -> Iterator[dict
         raise ShardUnavailable(f"{url}: read error: {error}") from error
     finally:
         os.close(fd)
+
+
+def _located_samples(fd: int, url: str, failed: set[str], extension: str) -> Iterator[dict]:
+    """A verified local shard's samples from its tar headers: small members read, ``extension`` members located
+    with their PCM span (left to the parser, which names the member, when the wav header does not parse)."""
+    sample: dict = {}
+    for name, offset, size in iter_tar_offsets(fd):
+        key, ext = split_member(name)
+        if sample and sample["__key__"] != key:
+            yield sample
+            sample = {}
+        sample["__key__"], sample["__url__"], sample["__failed__"] = key, url, failed
+        if ext == extension:
+            try:
+                pcm = wav_pcm_at(fd, offset, size)
+            except ValueError:
+                pcm = None
+            sample[ext] = Located(fd, offset, size, url, pcm)
+        else:
+            sample[ext] = os.pread(fd, size, offset)
+    if sample:
+        yield sample

@@ -96,7 +96,7 @@ def parse(samples: Iterator[dict], encoding: str, crop_samples: int, rng: np.ran
             n, label = int(meta["samples"]), int(meta["label"])
             u = float(rng.random())
             if located:  # only the header and the crop's bytes are read
-                payload = read_wav_crop_at(data.fd, data.offset, data.size, n, crop_samples, u)
+                payload = read_wav_crop_at(data.fd, data.offset, data.size, n, crop_samples, u, data.pcm)
             elif encoding == "wav":  # cut the crop now (a slice of the PCM): the pool holds 2·L bytes, not the file
                 payload = read_crop(data, "wav", n, crop_samples, u)
             else:
@@ -220,7 +220,7 @@ class Batcher:
         if isinstance(utt.payload, np.ndarray) or (utt.checked and not decode):
             return utt.payload
         try:
-            return read_crop(utt.payload, "flac", utt.samples, self.config.read_samples, utt.u)
+            return read_crop(utt.payload, "flac", utt.samples, self.config.read_samples, utt.u, verified=utt.checked)
         except (ValueError, RuntimeError) as error:
             if utt.checked:  # skipping would have kept it: dropping it here would make resume inexact
                 raise SpeakeridError(f"{utt.key}: member passes its crc32 but does not decode ({error}); "
